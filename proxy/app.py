@@ -1,0 +1,395 @@
+"""The ASGI application: the proxy's own endpoints, and every other request proxied.
+
+The proxied path is plain ASGI (no per-request framework objects): it is the hot path of every
+message. Starlette serves the proxy's own small endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .client import Timeouts, UpstreamClient, read_raw
+from .config import Settings
+from .discovery import LIST_PATH, Discovery
+from .errors import BodyTooLarge, NoHealthyInstance, ProxyError, SessionNotFound
+from .forward import buffered_body, error_body, relay, request_headers, response_headers
+from .instances import HealthChecker, Instance, InstanceSet
+from .observe import new_request_id
+from .replay import Attempted, OutgoingRequest, Router, StreamedBody
+from .sessions import Kind, SessionRouter, Target
+from .table import RoutingTable
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+access_log = logging.getLogger("session_proxy.access")
+log = logging.getLogger("session_proxy.app")
+
+OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class ProxyApp:
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self.client = UpstreamClient(transport)
+        self.instances = InstanceSet(settings)
+        self.table = RoutingTable(ttl=settings.cache_ttl, negative_ttl=settings.negative_ttl)
+        self.discovery = Discovery(settings, self.instances, self.client)
+        self.router = Router(settings, self.instances, self.table, self.discovery, self.client)
+        self.sessions = SessionRouter(settings)
+        self.health = HealthChecker(settings, self.instances, self.client)
+        self.started_at = time.time()
+        self.shutting_down = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._own = Starlette(
+            routes=[
+                Route("/healthz", self._healthz),
+                Route("/readyz", self._readyz),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    # --- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not (
+            scope["path"] in OWN_PATHS or scope["path"].startswith("/_proxy/")
+        ):
+            await self.proxy(scope, receive, send)
+        else:
+            await self._own(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        await self.health.check_all()
+        self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
+
+    async def stop(self) -> None:
+        self.shutting_down = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.client.aclose()
+        await self.table.close()
+
+    # --- the proxy's own endpoints ---------------------------------------------------------------
+
+    async def _healthz(self, _request: Request) -> Response:
+        return JSONResponse({"status": "alive", "uptime": round(time.time() - self.started_at, 3)})
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        healthy = len(self.instances.available())
+        ready = not self.shutting_down and len(self.instances) > 0 and healthy > 0
+        detail: dict[str, Any] = {
+            "ready": ready,
+            "instances": len(self.instances),
+            "healthy_instances": healthy,
+            "shutting_down": self.shutting_down,
+        }
+        return ready, detail
+
+    async def _readyz(self, _request: Request) -> Response:
+        ready, detail = self.readiness()
+        return JSONResponse(detail, status_code=200 if ready else 503)
+
+    # --- proxying --------------------------------------------------------------------------------
+
+    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = _header(scope, b"x-request-id") or new_request_id()
+        method: str = scope["method"]
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        session_id: str | None = None
+        answer: Attempted | None = None
+        status = 500
+        code = ""
+        try:
+            target = self.sessions.classify(method, path)
+            session_id = target.session_id
+            body = await self._read_body(scope, receive, buffer_all=target.kind is not Kind.PATH)
+            if target.kind in (Kind.BODY, Kind.CREATE):
+                assert isinstance(body, bytes)
+                session_id = self.sessions.session_from_body(body)
+            if target.kind is Kind.LIST:
+                status = await self._list(scope, send, request_id)
+                return
+            request = self._outgoing(scope, method, path, body, request_id)
+            answer = await self._dispatch(target, session_id, request)
+            status = answer.response.status_code
+            await self._relay(send, answer, request_id)
+        except ProxyError as error:
+            status, code = error.status, error.code
+            await self._send_error(send, error, request_id, answer.attempts if answer else None)
+        except ClientDisconnected:
+            status, code = 499, "client-closed"
+        finally:
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": method,
+                    "path": scope["path"],
+                    "session_id": session_id,
+                    "status": status,
+                    "instance": answer.instance.url if answer else None,
+                    "attempts": answer.attempts if answer else 0,
+                    "error_code": code or None,
+                    "ms": round((time.perf_counter() - started) * 1000, 3),
+                },
+            )
+
+    async def _dispatch(
+        self, target: Target, session_id: str | None, request: OutgoingRequest
+    ) -> Attempted:
+        if target.kind is Kind.CREATE:
+            assert session_id is not None
+            return await self._create(session_id, request)
+        if session_id is not None:
+            return await self.router.to_session(session_id, request)
+        return await self.router.to_any(request, self.router.pick_any)
+
+    async def _create(self, session_id: str, request: OutgoingRequest) -> Attempted:
+        """A new session goes to the least-loaded healthy instance, unless one already holds it."""
+        try:
+            return await self.router.to_session(session_id, request)
+        except SessionNotFound:
+            pass
+        answer = await self.router.to_any(request, self.router.pick_least_loaded)
+        if 200 <= answer.response.status_code < 300:
+            answer.instance.sessions += 1
+            await self.table.put(session_id, answer.instance.url)
+        return answer
+
+    def _outgoing(
+        self,
+        scope: Scope,
+        method: str,
+        path: str,
+        body: bytes | StreamedBody,
+        request_id: str,
+    ) -> OutgoingRequest:
+        query: bytes = scope["query_string"]
+        target = f"{path}?{query.decode('latin-1')}" if query else path
+        if isinstance(body, bytes):
+            length: int | None = len(body) if body or method in _METHODS_WITH_BODY else None
+        else:
+            declared = _header(scope, b"content-length")
+            length = int(declared) if declared and declared.isdigit() else None
+        rid = request_id.encode("latin-1")
+
+        def headers_for(instance: Instance) -> list[tuple[bytes, bytes]]:
+            return request_headers(scope, instance.host_header, rid, length)
+
+        return OutgoingRequest(
+            method=method,
+            target=target,
+            body=body,
+            headers_for=headers_for,
+            timeouts=Timeouts(self.settings.connect_timeout, self.settings.timeout_for(path)),
+            idempotency_key=_header(scope, b"idempotency-key") is not None,
+        )
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, buffer_all: bool
+    ) -> bytes | StreamedBody:
+        """Buffer the body (so it can be replayed), or stream what exceeds the replay buffer."""
+        declared = _header(scope, b"content-length")
+        if declared is None and _header(scope, b"transfer-encoding") is None:
+            return b""
+        maximum = self.settings.max_body_size
+        if declared is not None and declared.isdigit() and int(declared) > maximum:
+            raise BodyTooLarge(f"the body is {declared} bytes; the limit is {maximum}")
+        limit = maximum if buffer_all else self.settings.replay_body_limit
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > maximum:
+                raise BodyTooLarge(f"the body exceeds the limit of {maximum} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+            if size > limit:
+                return StreamedBody(b"".join(chunks), _rest_of_body(receive, size, maximum))
+
+    async def _relay(self, send: Send, answer: Attempted, request_id: str) -> None:
+        response = answer.response
+        headers = response_headers(
+            response, answer.instance.url, request_id.encode("latin-1"), answer.attempts
+        )
+        body = answer.body if answer.body is not None else await buffered_body(response)
+        await relay(send, response, headers, body)
+
+    async def _list(self, scope: Scope, send: Send, request_id: str) -> int:
+        """The fleet-wide session list: every instance asked with the client's own query."""
+        query: bytes = scope["query_string"]
+        suffix = "?" + query.decode("latin-1") if query else ""
+        timeouts = Timeouts(self.settings.connect_timeout, self.settings.timeout_for(LIST_PATH))
+        rid = request_id.encode("latin-1")
+
+        async def ask(instance: Instance) -> tuple[Instance, int, bytes | None, str]:
+            headers = request_headers(scope, instance.host_header, rid, None)
+            try:
+                response = await self.client.send(
+                    "GET", instance.url + LIST_PATH + suffix, headers, b"", timeouts
+                )
+                try:
+                    body = await read_raw(response)
+                finally:
+                    await response.aclose()
+            except ProxyError as error:
+                return instance, 0, None, f"{error.code}: {error.detail}"
+            return instance, response.status_code, body, ""
+
+        everyone = self.instances.all
+        answers = await asyncio.gather(*(ask(i) for i in everyone if i.available))
+        sessions: list[Any] = []
+        failed: list[dict[str, Any]] = [
+            {"instance": i.url, "status": None, "error": "ejected by health checks"}
+            for i in everyone
+            if not i.available
+        ]
+        succeeded = 0
+        for instance, status, body, problem in answers:
+            document = _json_object(body) if status == 200 else None
+            if document is None or not isinstance(document.get("sessions"), list):
+                failed.append(
+                    {
+                        "instance": instance.url,
+                        "status": status or None,
+                        "error": problem or body_text(body),
+                    }
+                )
+                continue
+            succeeded += 1
+            for entry in document["sessions"]:
+                if isinstance(entry, dict):
+                    sessions.append({**entry, "instance": instance.url})
+        if succeeded == 0:
+            statuses = {a[1] for a in answers}
+            if len(statuses) == 1 and next(iter(statuses)) in (401, 403):
+                # Every instance refused the key: the client's to fix, said as the instances say it.
+                status = next(iter(statuses))
+                first_body = answers[0][2] or b"{}"
+                await _send_json_bytes(send, status, first_body, request_id)
+                return status
+            error = NoHealthyInstance("no instance answered the session list")
+            await self._send_error(
+                send, error, request_id, None, extra={"failed_instances": failed}
+            )
+            return error.status
+        merged = {
+            "success": True,
+            "sessions": sessions,
+            "total": len(sessions),
+            "instances": len(everyone),
+            "failed_instances": failed,
+        }
+        await _send_json_bytes(send, 200, json.dumps(merged).encode(), request_id)
+        return 200
+
+    async def _send_error(
+        self,
+        send: Send,
+        error: ProxyError,
+        request_id: str,
+        attempts: int | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        body = error_body(error, request_id)
+        if extra:
+            body = json.dumps({**json.loads(body), **extra}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-proxy-error", error.code.encode()),
+            (b"x-request-id", request_id.encode("latin-1")),
+        ]
+        if attempts:
+            headers.append((b"x-proxy-attempts", str(attempts).encode()))
+        if error.retry_after is not None:
+            headers.append((b"retry-after", str(error.retry_after).encode()))
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _rest_of_body(receive: Receive, size: int, maximum: int) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > maximum:
+            raise BodyTooLarge(f"the body exceeds the limit of {maximum} bytes")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _send_json_bytes(send: Send, status: int, body: bytes, request_id: str) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode("latin-1")),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _json_object(body: bytes | None) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body) if body else None
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def body_text(body: bytes | None) -> str:
+    return (body or b"").decode("utf-8", "replace")[:200]
+
+
+def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> ProxyApp:
+    return ProxyApp(settings, transport=transport)

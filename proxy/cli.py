@@ -1,0 +1,104 @@
+"""``session-proxy``: the command line, the one place that reads flags and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ENV_PREFIX, SETTING_NAMES, ConfigError, Settings, load_settings
+
+# Flags every command that talks to the fleet accepts; each mirrors a SESSION_PROXY_* variable.
+_COMMON_FLAGS = {
+    "instances": "comma-separated instance URLs",
+    "instance_aliases": "alias=url pairs, comma-separated (the strings the database stores)",
+    "api_key": "api key for the proxy's own calls to instances",
+    "database_url": "postgresql:// URL (optional)",
+    "log_format": "json or text",
+    "log_level": "debug, info, warning or error",
+}
+_SERVE_FLAGS = {
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "workers": "worker processes",
+    "cache_url": "memory:// or redis://",
+    "admin_token": "bearer token for /_proxy/ (admin API off when empty)",
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    for name, help_text in flags.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{help_text} [{ENV_PREFIX}{name.upper()}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="session-proxy",
+        description="One address for a fleet of stateful WhatsApp gateway instances.",
+        epilog=f"Every setting also reads {ENV_PREFIX}<NAME> from the environment; see README.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    _add_flags(serve, _COMMON_FLAGS | _SERVE_FLAGS)
+
+    simulate = commands.add_parser("simulate", help="run one simulated instance")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, required=True)
+    simulate.add_argument("--name", default=None)
+    simulate.add_argument("--api-key", default="demo-key")
+    simulate.add_argument("--connect-delay", type=float, default=3.0)
+    simulate.add_argument("--sessions", default="", help="session ids present at start-up")
+    simulate.add_argument("--log", default=None, help="JSON-lines event log")
+
+    demo = commands.add_parser("demo", help="watch routing, a crash and the recovery")
+    demo.add_argument("--fast", action="store_true", help="no pauses between steps")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    overrides = {name: getattr(args, name) for name in SETTING_NAMES if hasattr(args, name)}
+    return load_settings(os.environ if environ is None else environ, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from .server import serve
+
+            settings = settings_from(args)
+            # Worker processes rebuild their settings from the environment: put the flags there.
+            for name in SETTING_NAMES:
+                value = getattr(args, name, None)
+                if value is not None:
+                    os.environ[ENV_PREFIX + name.upper()] = value
+            return serve(settings)
+        if args.command == "simulate":
+            from . import simulator
+
+            sim_argv = ["--host", args.host, "--port", str(args.port)]
+            sim_argv += ["--api-key", args.api_key, "--connect-delay", str(args.connect_delay)]
+            if args.name:
+                sim_argv += ["--name", args.name]
+            if args.sessions:
+                sim_argv += ["--sessions", args.sessions]
+            if args.log:
+                sim_argv += ["--log", args.log]
+            return simulator.main(sim_argv)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(fast=args.fast)
+    except ConfigError as exc:
+        print(f"session-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,359 @@
+"""Settings, built once at the edge from flags and ``SESSION_PROXY_*`` variables.
+
+Nothing else in the package reads ``os.environ``: every module receives the ``Settings`` it needs.
+Every value is validated here, and a bad one stops start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "SESSION_PROXY_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the proxy cannot run with."""
+
+
+@dataclass(frozen=True)
+class RouteTimeout:
+    """The read timeout for paths starting with ``prefix`` (the longest prefix wins)."""
+
+    prefix: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    # The fleet
+    instances: tuple[str, ...] = ()
+    instances_dns: str = ""
+    instances_dns_interval: float = 10.0
+    instance_aliases: tuple[tuple[str, str], ...] = ()
+    api_key: str = ""
+    # Storage
+    database_url: str = ""
+    cache_url: str = "memory://"
+    cache_ttl: float = 3600.0
+    negative_ttl: float = 5.0
+    table_name: str = "whatsapp_accounts"
+    column_session_id: str = "session_id"
+    column_instance_url: str = "assigned_instance_url"
+    column_status: str = "status"
+    column_deleted_at: str = "deleted_at"
+    # Routing
+    session_id_pattern: str = r"[A-Za-z0-9_-]{1,128}"
+    path_patterns: tuple[str, ...] = (
+        "/api/sessions/{id}",
+        "/api/messages/{id}",
+        "/api/internal/sessions/{id}",
+        "/sessions/{id}",
+        "/cleanup/{id}",
+        "/remoteauth/migration/{id}",
+    )
+    body_routes: tuple[str, ...] = (
+        "POST /api/messages/send",
+        "POST /api/messages/send-media",
+        "POST /api/messages/bulk-send",
+        "POST /api/sessions",
+    )
+    create_route: str = "POST /api/sessions"
+    list_route: str = "GET /api/sessions"
+    passthrough_routes: tuple[str, ...] = (
+        "/",
+        "/health",
+        "/health/*",
+        "/info",
+        "/cleanup/run",
+        "/cleanup/stats",
+        "/remoteauth/*",
+    )
+    # Timeouts: longer than the instance's own (60 s sessions, 45 s sends, 5 s health, 30 s other)
+    # so that the instance, not the proxy, is the one that gives up first.
+    connect_timeout: float = 2.0
+    route_timeouts: tuple[RouteTimeout, ...] = (
+        RouteTimeout("/api/sessions", 65.0),
+        RouteTimeout("/api/messages", 50.0),
+        RouteTimeout("/health", 10.0),
+        RouteTimeout("/", 35.0),
+    )
+    discovery_timeout: float = 3.0
+    # Limits
+    max_body_size: int = 64 * 1024 * 1024
+    replay_body_limit: int = 1024 * 1024
+    max_attempts: int = 3
+    replay_deadline: float = 15.0
+    # Health checking
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    eject_after_failures: int = 3
+    eject_base_seconds: float = 5.0
+    eject_max_seconds: float = 120.0
+    rediscovery_rate: float = 50.0
+    # Reconcile
+    reconcile_interval: float = 300.0
+    # Operations
+    admin_token: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    log_format: str = "json"
+    log_level: str = "info"
+    shutdown_grace: float = 20.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def timeout_for(self, path: str) -> float:
+        best = RouteTimeout("", 35.0)
+        for rt in self.route_timeouts:
+            if path.startswith(rt.prefix) and len(rt.prefix) > len(best.prefix):
+                best = rt
+        return best.seconds
+
+    @property
+    def env_names(self) -> dict[str, str]:
+        return {f.name: ENV_PREFIX + f.name.upper() for f in fields(self) if f.name != "extra"}
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def _bad(name: str, value: str, why: str) -> ConfigError:
+    return ConfigError(f"{ENV_PREFIX}{name.upper()}={value!r}: {why}")
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _float(name: str, value: str, minimum: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise _bad(name, value, "is not a number") from None
+    if not number >= minimum:
+        raise _bad(name, value, f"must be at least {minimum:g}")
+    return number
+
+
+def _int(name: str, value: str, minimum: int = 0) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise _bad(name, value, "is not an integer") from None
+    if number < minimum:
+        raise _bad(name, value, f"must be at least {minimum}")
+    return number
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2}
+_SIZE_UNITS |= {"mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+def _size(name: str, value: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise _bad(name, value, "is not a size (bytes, or with k/m/g)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def normalise_url(name: str, value: str) -> str:
+    """``http://host:port`` without a trailing slash; anything else is refused."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _bad(name, value, "is not an http(s)://host:port URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise _bad(name, value, "must be just scheme://host:port (no path, query or credentials)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise _bad(name, value, "has an invalid port") from None
+    port = port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _aliases(name: str, value: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in _split(value):
+        alias, sep, target = item.partition("=")
+        if not sep:
+            raise _bad(name, value, f"entry {item!r} is not alias=url")
+        pairs.append((alias.strip().rstrip("/"), normalise_url(name, target)))
+    return tuple(pairs)
+
+
+def _route_timeouts(name: str, value: str) -> tuple[RouteTimeout, ...]:
+    out = []
+    for item in _split(value):
+        prefix, sep, seconds = item.rpartition("=")
+        if not sep or not prefix.startswith("/"):
+            raise _bad(name, value, f"entry {item!r} is not /prefix=seconds")
+        out.append(RouteTimeout(prefix, _float(name, seconds, 0.001)))
+    return tuple(out)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value.lower() not in choices:
+        raise _bad(name, value, f"must be one of {', '.join(choices)}")
+    return value.lower()
+
+
+def _identifier(name: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?", value):
+        raise _bad(name, value, "is not a plain SQL identifier")
+    return value
+
+
+def _pattern(name: str, value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise _bad(name, value, f"is not a regular expression ({exc})") from None
+    return value
+
+
+def _path_patterns(name: str, value: str) -> tuple[str, ...]:
+    items = _split(value)
+    for item in items:
+        if not item.startswith("/") or item.count("{id}") != 1:
+            raise _bad(name, value, f"entry {item!r} must start with / and contain {{id}} once")
+    return items
+
+
+def _routes(name: str, value: str) -> tuple[str, ...]:
+    items = tuple(" ".join(i.split()) for i in _split(value))
+    for item in items:
+        method, _, path = item.partition(" ")
+        if not method.isalpha() or not path.startswith("/"):
+            raise _bad(name, value, f"entry {item!r} is not 'METHOD /path'")
+    return tuple(f"{i.split(' ')[0].upper()} {i.split(' ')[1]}" for i in items)
+
+
+def _route(name: str, value: str) -> str:
+    routes = _routes(name, value)
+    if len(routes) != 1:
+        raise _bad(name, value, "must be exactly one 'METHOD /path'")
+    return routes[0]
+
+
+def _database_url(name: str, value: str) -> str:
+    if value and urlsplit(value).scheme not in ("postgres", "postgresql"):
+        raise _bad(name, "<redacted>", "is not a postgres:// or postgresql:// URL")
+    return value
+
+
+def _cache_url(name: str, value: str) -> str:
+    if urlsplit(value).scheme not in ("memory", "redis", "rediss"):
+        raise _bad(name, value, "must be memory:// or redis://host:port/db")
+    return value
+
+
+_PARSERS: dict[str, Any] = {
+    "instances": lambda n, v: tuple(normalise_url(n, u) for u in _split(v)),
+    "instances_dns": lambda n, v: _dns(n, v),
+    "instances_dns_interval": lambda n, v: _float(n, v, 0.1),
+    "instance_aliases": _aliases,
+    "api_key": lambda n, v: v,
+    "database_url": _database_url,
+    "cache_url": _cache_url,
+    "cache_ttl": lambda n, v: _float(n, v, 1.0),
+    "negative_ttl": lambda n, v: _float(n, v, 0.0),
+    "table_name": _identifier,
+    "column_session_id": _identifier,
+    "column_instance_url": _identifier,
+    "column_status": _identifier,
+    "column_deleted_at": _identifier,
+    "session_id_pattern": _pattern,
+    "path_patterns": _path_patterns,
+    "body_routes": _routes,
+    "create_route": _route,
+    "list_route": _route,
+    "passthrough_routes": lambda n, v: _split(v),
+    "connect_timeout": lambda n, v: _float(n, v, 0.001),
+    "route_timeouts": _route_timeouts,
+    "discovery_timeout": lambda n, v: _float(n, v, 0.001),
+    "max_body_size": _size,
+    "replay_body_limit": _size,
+    "max_attempts": lambda n, v: _int(n, v, 1),
+    "replay_deadline": lambda n, v: _float(n, v, 0.001),
+    "health_interval": lambda n, v: _float(n, v, 0.05),
+    "health_timeout": lambda n, v: _float(n, v, 0.001),
+    "eject_after_failures": lambda n, v: _int(n, v, 1),
+    "eject_base_seconds": lambda n, v: _float(n, v, 0.0),
+    "eject_max_seconds": lambda n, v: _float(n, v, 0.0),
+    "rediscovery_rate": lambda n, v: _float(n, v, 0.1),
+    "reconcile_interval": lambda n, v: _float(n, v, 0.0),
+    "admin_token": lambda n, v: v,
+    "host": lambda n, v: v,
+    "port": lambda n, v: _port(n, v),
+    "workers": lambda n, v: _int(n, v, 1),
+    "log_format": lambda n, v: _choice(n, v, ("json", "text")),
+    "log_level": lambda n, v: _choice(n, v, ("debug", "info", "warning", "error")),
+    "shutdown_grace": lambda n, v: _float(n, v, 0.0),
+}
+
+
+def _port(name: str, value: str) -> int:
+    port = _int(name, value, 0)
+    if port > 65535:
+        raise _bad(name, value, "must be a port number (0-65535)")
+    return port
+
+
+def _dns(name: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if value and (not sep or not host or not port.isdigit() or int(port) > 65535):
+        raise _bad(name, value, "must be host:port")
+    return value
+
+
+SETTING_NAMES = tuple(_PARSERS)
+
+
+def load_settings(
+    environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+) -> Settings:
+    """Build the settings from the environment, with ``overrides`` (from flags) taking precedence.
+
+    Both hold strings, parsed the same way, so a flag and its variable can never disagree.
+    """
+    raw: dict[str, str] = {}
+    for name in SETTING_NAMES:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            raw[name] = value
+    for name, value in (overrides or {}).items():
+        if name not in _PARSERS:
+            raise ConfigError(f"unknown setting {name!r}")
+        if value is not None:
+            raw[name] = value
+    values = {name: _PARSERS[name](name, value) for name, value in raw.items()}
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    if s.replay_body_limit > s.max_body_size:
+        raise ConfigError(
+            f"{ENV_PREFIX}REPLAY_BODY_LIMIT={s.replay_body_limit} is larger than "
+            f"{ENV_PREFIX}MAX_BODY_SIZE={s.max_body_size}"
+        )
+    if s.eject_max_seconds < s.eject_base_seconds:
+        raise ConfigError(
+            f"{ENV_PREFIX}EJECT_MAX_SECONDS={s.eject_max_seconds:g} is smaller than "
+            f"{ENV_PREFIX}EJECT_BASE_SECONDS={s.eject_base_seconds:g}"
+        )
+    targets = set(s.instances)
+    for alias, target in s.instance_aliases:
+        if targets and target not in targets and not s.instances_dns:
+            raise ConfigError(
+                f"{ENV_PREFIX}INSTANCE_ALIASES: alias {alias!r} points at {target}, "
+                f"which is not in {ENV_PREFIX}INSTANCES"
+            )

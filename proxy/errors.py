@@ -1,0 +1,106 @@
+"""The errors the proxy answers with itself, each with its HTTP status and ``X-Proxy-Error`` code.
+
+Transport failures are mapped into this hierarchy at the boundary (``forward.py``), so everything
+above it reasons about *what happened* (never left, refused, ambiguous) instead of library types.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    status: int = 502
+    code: str = "proxy-error"
+    message: str = "the proxy could not complete the request"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None) -> None:
+        self.detail = detail or self.message
+        self.retry_after = retry_after
+        super().__init__(self.detail)
+
+
+# --- the client's request is wrong ---------------------------------------------------------------
+
+
+class BadSessionId(ProxyError):
+    status, code = 400, "bad-session-id"
+    message = "the session id is not valid"
+
+
+class BadPath(ProxyError):
+    status, code = 400, "bad-path"
+    message = "the path contains dot segments or encoded separators"
+
+
+class MalformedBody(ProxyError):
+    status, code = 400, "malformed-body"
+    message = "the body is not a JSON object"
+
+
+class MissingSessionId(ProxyError):
+    status, code = 400, "missing-session-id"
+    message = "the body has no session_id"
+
+
+class UnknownRoute(ProxyError):
+    status, code = 404, "unknown-route"
+    message = "the proxy has no route for this path"
+
+
+class BodyTooLarge(ProxyError):
+    status, code = 413, "body-too-large"
+    message = "the request body is larger than the proxy accepts"
+
+
+class Overloaded(ProxyError):
+    status, code = 503, "overloaded"
+    message = "too many requests in flight"
+
+
+# --- the fleet cannot serve it -------------------------------------------------------------------
+
+
+class SessionNotFound(ProxyError):
+    status, code = 404, "session-not-found"
+    # The instance's own words, so an application matching on them keeps working.
+    message = "Session not found"
+
+
+class NoHealthyInstance(ProxyError):
+    status, code = 503, "no-healthy-instance"
+    message = "no healthy instance is available"
+
+
+class UpstreamUnreachable(ProxyError):
+    """The request never reached an instance (refused, connect timeout): safe to replay."""
+
+    status, code = 502, "upstream-unreachable"
+    message = "the instance could not be reached"
+
+
+class UpstreamAmbiguous(ProxyError):
+    """The request was sent, then the connection died: the instance may have acted on it."""
+
+    status, code = 502, "upstream-ambiguous"
+    message = (
+        "the instance received the request and closed the connection without answering; "
+        "it may or may not have been carried out"
+    )
+
+
+class UpstreamTimeout(ProxyError):
+    """The request was sent and no answer came in time: as ambiguous as a reset."""
+
+    status, code = 504, "upstream-timeout"
+    message = (
+        "the instance did not answer in time; the request may or may not have been carried out"
+    )
+
+
+class UpstreamBadResponse(ProxyError):
+    status, code = 502, "upstream-bad-response"
+    message = "the instance answered with something that is not valid HTTP"
+
+
+class ReplayExhausted(ProxyError):
+    status, code = 502, "replay-exhausted"
+    message = "the request was retried as often as allowed without success"

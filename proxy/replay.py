@@ -1,0 +1,263 @@
+"""The replay policy: where a request goes, what a failed attempt means, and whether to try again.
+
+- refused, connect timeout, owner ejected (the request never left): replay, any method;
+- the instance's own 404 "Session not found" (it refused the request): rediscover, replay, any
+  method;
+- reset, empty reply, read timeout or garbage after the request was sent: replay only idempotent
+  methods or requests carrying an ``Idempotency-Key`` header;
+- a streamed body (larger than the replay buffer) once its first byte left: never.
+
+Attempts and the total time are bounded; when the proxy gives up it says which case it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from .client import Timeouts, UpstreamClient
+from .config import Settings
+from .discovery import Discovery
+from .errors import (
+    NoHealthyInstance,
+    ProxyError,
+    ReplayExhausted,
+    SessionNotFound,
+    UpstreamUnreachable,
+)
+from .forward import buffered_body, is_session_not_found
+from .instances import Instance, InstanceSet
+from .table import NEGATIVE, RoutingTable
+
+log = logging.getLogger("session_proxy.replay")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+class StreamedBody:
+    """A request body too large to buffer: it can be sent once, and knows whether it started."""
+
+    def __init__(self, prefix: bytes, rest: AsyncIterable[bytes]) -> None:
+        self._prefix = prefix
+        self._rest = rest
+        self.started = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        if self._prefix:
+            yield self._prefix
+        async for chunk in self._rest:
+            yield chunk
+
+
+@dataclass
+class Attempted:
+    """The answer that ends a request: the response (body unread unless ``body``) and its path."""
+
+    response: httpx.Response
+    body: bytes | None
+    instance: Instance
+    attempts: int
+
+
+@dataclass
+class OutgoingRequest:
+    method: str
+    target: str  # raw path plus query string, exactly as the client sent them
+    body: bytes | StreamedBody
+    headers_for: Callable[[Instance], list[tuple[bytes, bytes]]]
+    timeouts: Timeouts
+    idempotency_key: bool = False
+
+    @property
+    def safe_to_repeat(self) -> bool:
+        """May this be sent again after the instance may already have acted on it?"""
+        return self.method in IDEMPOTENT_METHODS or self.idempotency_key
+
+    @property
+    def can_resend(self) -> bool:
+        return not isinstance(self.body, StreamedBody) or not self.body.started
+
+
+class Router:
+    """Finds owners and runs the attempt loop for every kind of request."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        instances: InstanceSet,
+        table: RoutingTable,
+        discovery: Discovery,
+        client: UpstreamClient,
+    ) -> None:
+        self.settings = settings
+        self.instances = instances
+        self.table = table
+        self.discovery = discovery
+        self.client = client
+        self.rediscoveries = 0
+
+    # --- owners ----------------------------------------------------------------------------------
+
+    async def owner_of(self, session_id: str) -> Instance:
+        """Routing table first, then the fleet; a remembered unknown answers at once."""
+        known = await self.table.get(session_id)
+        if known == NEGATIVE:
+            raise SessionNotFound()
+        if known is not None:
+            instance = self.instances.get(known)
+            if instance is not None:
+                return instance
+        return await self._locate(session_id, exclude=None)
+
+    async def rediscover(self, session_id: str, exclude: Instance, reason: str) -> Instance:
+        """The owner was wrong or gone: forget it and ask the rest of the fleet."""
+        self.rediscoveries += 1
+        await self.table.forget(session_id)
+        instance = await self._locate(session_id, exclude=exclude)
+        if instance is exclude:
+            # A lookup that started before this failure answered; ask again without it.
+            await self.table.forget(session_id)
+            instance = await self._locate(session_id, exclude=exclude)
+        log.info(
+            "session rediscovered",
+            extra={
+                "session_id": session_id,
+                "old_instance": exclude.url,
+                "new_instance": instance.url,
+                "reason": reason,
+            },
+        )
+        return instance
+
+    async def _locate(self, session_id: str, exclude: Instance | None) -> Instance:
+        async def lookup() -> str | None:
+            located = await self.discovery.locate(session_id, exclude=exclude)
+            if located.instance is not None:
+                await self.table.put(session_id, located.instance.url)
+                return located.instance.url
+            if located.complete:
+                await self.table.put_negative(session_id)
+            elif located.asked == 0:
+                raise NoHealthyInstance()
+            return None
+
+        url = await self.table.single_flight(session_id, lookup)
+        instance = self.instances.get(url) if url else None
+        if instance is None:
+            raise SessionNotFound()
+        return instance
+
+    # --- the attempt loop ------------------------------------------------------------------------
+
+    async def to_session(self, session_id: str, request: OutgoingRequest) -> Attempted:
+        owner = await self.owner_of(session_id)
+        deadline = time.monotonic() + self.settings.replay_deadline
+        attempts = 0
+        while True:
+            if not owner.available:
+                owner = await self._moved(session_id, owner, "owner ejected", unreachable=True)
+            attempts += 1
+            try:
+                answer = await self._attempt(owner, request, attempts, session_aware=True)
+            except ProxyError as error:
+                self._check_replay(request, error, attempts, deadline)
+                unreachable = isinstance(error, UpstreamUnreachable)
+                owner = await self._moved(session_id, owner, error.code, unreachable)
+                continue
+            if answer is not None:
+                return answer
+            # The instance answered "Session not found": it refused the request, so any method
+            # may go to the real owner.
+            self._check_replay(request, SessionNotFound(), attempts, deadline)
+            owner = await self._moved(session_id, owner, "session-not-found", unreachable=False)
+
+    async def to_any(
+        self, request: OutgoingRequest, pick: Callable[[set[str]], Instance]
+    ) -> Attempted:
+        """Requests without an owner: ``pick`` chooses among instances not tried yet."""
+        deadline = time.monotonic() + self.settings.replay_deadline
+        tried: set[str] = set()
+        attempts = 0
+        while True:
+            instance = pick(tried)
+            tried.add(instance.url)
+            attempts += 1
+            try:
+                answer = await self._attempt(instance, request, attempts, session_aware=False)
+            except ProxyError as error:
+                self._check_replay(request, error, attempts, deadline)
+                continue
+            assert answer is not None
+            return answer
+
+    async def _attempt(
+        self, instance: Instance, request: OutgoingRequest, attempts: int, session_aware: bool
+    ) -> Attempted | None:
+        """One try; None means the instance said it does not hold the session."""
+        try:
+            response = await self.client.send(
+                request.method,
+                instance.url + request.target,
+                request.headers_for(instance),
+                request.body,
+                request.timeouts,
+            )
+        except UpstreamUnreachable as error:
+            self.instances.eject(instance, error.detail)
+            raise
+        except ProxyError as error:
+            self.instances.record_failure(instance, error.detail)
+            raise
+        self.instances.record_success(instance)
+        body = None
+        if session_aware and response.status_code == 404:
+            body = await buffered_body(response)
+            if body is not None and is_session_not_found(404, body):
+                return None
+        return Attempted(response, body, instance, attempts)
+
+    def _check_replay(
+        self, request: OutgoingRequest, error: ProxyError, attempts: int, deadline: float
+    ) -> None:
+        """Raise when this failure must end the request; return when another try is allowed."""
+        never_reached = isinstance(error, UpstreamUnreachable | SessionNotFound)
+        if not request.can_resend:
+            raise error
+        if not never_reached and not request.safe_to_repeat:
+            raise error
+        if attempts >= self.settings.max_attempts or time.monotonic() >= deadline:
+            raise ReplayExhausted(
+                f"gave up after {attempts} attempts; the last failed with {error.code}: "
+                f"{error.detail}"
+            )
+
+    async def _moved(
+        self, session_id: str, owner: Instance, reason: str, unreachable: bool
+    ) -> Instance:
+        try:
+            return await self.rediscover(session_id, owner, reason)
+        except SessionNotFound:
+            if unreachable:
+                raise UpstreamUnreachable(
+                    f"the instance holding the session ({owner.url}) cannot be reached and no "
+                    "other instance holds it"
+                ) from None
+            raise
+
+    def pick_any(self, tried: set[str]) -> Instance:
+        for _ in range(len(self.instances)):
+            instance = self.instances.next_available()
+            if instance.url not in tried:
+                return instance
+        raise NoHealthyInstance("every healthy instance was tried")
+
+    def pick_least_loaded(self, tried: set[str]) -> Instance:
+        candidates = [i for i in self.instances.available() if i.url not in tried]
+        if not candidates:
+            raise NoHealthyInstance("every healthy instance was tried")
+        return min(candidates, key=lambda i: i.sessions)

@@ -1,0 +1,89 @@
+"""Settings: parsed from the environment and flags, and refused with a message naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import ConfigError, load_settings
+
+
+def test_defaults_follow_the_upstream_contract() -> None:
+    settings = load_settings({})
+    assert settings.cache_url == "memory://"
+    assert settings.replay_body_limit == 1024 * 1024
+    # Longer than the instance's own limits (60 s sessions, 45 s sends, 5 s health, 30 s other).
+    assert settings.timeout_for("/api/sessions/x/status") > 60
+    assert settings.timeout_for("/api/messages/send") > 45
+    assert settings.timeout_for("/health") > 5
+    assert settings.timeout_for("/cleanup/run") > 30
+
+
+def test_environment_values_are_parsed_and_normalised() -> None:
+    settings = load_settings(
+        {
+            "SESSION_PROXY_INSTANCES": "http://127.0.0.1:3001/, http://127.0.0.1:3002",
+            "SESSION_PROXY_INSTANCE_ALIASES": "http://localhost:3001=http://127.0.0.1:3001",
+            "SESSION_PROXY_REPLAY_BODY_LIMIT": "2m",
+            "SESSION_PROXY_ROUTE_TIMEOUTS": "/api=12.5,/=3",
+            "SESSION_PROXY_LOG_FORMAT": "TEXT",
+        }
+    )
+    assert settings.instances == ("http://127.0.0.1:3001", "http://127.0.0.1:3002")
+    assert settings.instance_aliases == (("http://localhost:3001", "http://127.0.0.1:3001"),)
+    assert settings.replay_body_limit == 2 * 1024 * 1024
+    assert settings.timeout_for("/api/x") == 12.5
+    assert settings.timeout_for("/other") == 3
+    assert settings.log_format == "text"
+
+
+def test_flags_override_the_environment() -> None:
+    settings = load_settings({"SESSION_PROXY_PORT": "1"}, {"port": "9000", "host": None})
+    assert settings.port == 9000
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("PORT", "eighty", "is not an integer"),
+        ("PORT", "70000", "port number"),
+        ("INSTANCES", "ftp://x:1", "is not an http(s)://host:port URL"),
+        ("INSTANCES", "http://127.0.0.1:3001/api", "no path"),
+        ("INSTANCE_ALIASES", "http://localhost:3001", "is not alias=url"),
+        ("REPLAY_BODY_LIMIT", "lots", "is not a size"),
+        ("LOG_FORMAT", "xml", "must be one of json, text"),
+        ("TABLE_NAME", "accounts; drop table x", "plain SQL identifier"),
+        ("SESSION_ID_PATTERN", "[a-", "regular expression"),
+        ("PATH_PATTERNS", "/api/sessions/", "contain {id} once"),
+        ("HEALTH_INTERVAL", "-1", "must be at least"),
+        ("CACHE_URL", "memcached://x", "memory:// or redis://"),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_value(name: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({f"SESSION_PROXY_{name}": value})
+    message = str(caught.value)
+    assert f"SESSION_PROXY_{name}" in message
+    assert says in message
+
+
+def test_database_password_is_not_echoed_in_errors() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SESSION_PROXY_DATABASE_URL": "mysql://u:hunter2@db/x"})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_alias_must_point_at_a_configured_instance() -> None:
+    with pytest.raises(ConfigError, match="not in SESSION_PROXY_INSTANCES"):
+        load_settings(
+            {
+                "SESSION_PROXY_INSTANCES": "http://127.0.0.1:3001",
+                "SESSION_PROXY_INSTANCE_ALIASES": "http://localhost:3009=http://127.0.0.1:3009",
+            }
+        )
+
+
+def test_the_cli_reports_a_bad_setting_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    assert main(["serve", "--port", "nope"]) == 2
+    assert "SESSION_PROXY_PORT='nope'" in capsys.readouterr().err
