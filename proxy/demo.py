@@ -195,7 +195,7 @@ class Demo:
 
             s()
             s("{bold}4. The application sends again, unchanged, to the same proxy address{reset}")
-            self._send_round(app, sessions, show_replays=True)
+            self._send_round(app, sessions, before=owners)
             self.pause()
 
             listing = app.get("/api/sessions", params={"api_key": API_KEY}).json()
@@ -224,7 +224,7 @@ class Demo:
         self.say("   all six connected.")
 
     def _send_round(
-        self, app: httpx.Client, sessions: list[str], show_replays: bool = False
+        self, app: httpx.Client, sessions: list[str], before: dict[str, str] | None = None
     ) -> dict[str, str]:
         owners = {}
         for sid in sessions:
@@ -242,6 +242,8 @@ class Demo:
             owners[sid] = self.who(r)
             attempts = r.headers.get("x-proxy-attempts")
             note = ""
+            if before and before[sid] != owners[sid]:
+                note = "  {green}<- owner ejected: found on its new instance before sending{reset}"
             if attempts:
                 note = (
                     f"  {{green}}<- owner gone: found again, replayed ({attempts} tries){{reset}}"
@@ -249,7 +251,7 @@ class Demo:
             colour = "green" if r.status_code == 200 else "red"
             self.say(
                 f"   send via {sid} -> {{{colour}}}{r.status_code}{{reset}} from "
-                f"{{cyan}}{owners[sid]}{{reset}} in {ms:.0f} ms{note if show_replays else ''}"
+                f"{{cyan}}{owners[sid]}{{reset}} in {ms:.0f} ms{note}"
             )
             if r.status_code != 200:
                 raise RuntimeError(f"send failed: {r.status_code} {r.text}")

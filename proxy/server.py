@@ -30,6 +30,8 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # The peer address must be the real one: X-Forwarded-For is appended to, not trusted.
+        proxy_headers=False,
         # The instance's own Server and Date headers pass through; uvicorn must not add its own.
         server_header=False,
         date_header=False,

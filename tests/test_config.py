@@ -1,4 +1,4 @@
-"""Settings: parsed from the environment and flags, and refused with a message naming the variable."""
+"""Settings: parsed from the environment and flags; a bad value names its variable."""
 
 from __future__ import annotations
 

@@ -1,0 +1,71 @@
+"""Shared fixtures: a fleet of real simulator processes and a real proxy process in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.processes import ProxyProcess, Simulator
+
+API_KEY = "demo-key"
+
+
+@dataclass
+class Fleet:
+    instances: list[Simulator]
+    proxy: ProxyProcess
+    sessions: dict[str, Simulator] = field(default_factory=dict)  # session id -> initial owner
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.proxy.url, trust_env=False, timeout=30.0, **kwargs)  # type: ignore[arg-type]
+
+    def by_url(self, url: str) -> Simulator:
+        return next(i for i in self.instances if i.url == url)
+
+    def request_events(self) -> list[dict[str, object]]:
+        return [event for sim in self.instances for event in sim.requests()]
+
+
+def start_fleet(
+    tmp: Path,
+    count: int = 3,
+    sessions_per_instance: int = 10,
+    env: dict[str, str] | None = None,
+    prefix: str = "webjs_1_1732800000_",
+) -> Fleet:
+    instances: list[Simulator] = []
+    owners: dict[str, Simulator] = {}
+    for n in range(count):
+        ids = [f"{prefix}{n}{k:07d}" for k in range(sessions_per_instance)]
+        sim = Simulator.start(tmp, f"instance-{n + 1}", sessions=ids, api_key=API_KEY)
+        instances.append(sim)
+        owners.update(dict.fromkeys(ids, sim))
+    proxy_env = {
+        "SESSION_PROXY_INSTANCES": ",".join(s.url for s in instances),
+        "SESSION_PROXY_API_KEY": API_KEY,
+        "SESSION_PROXY_HEALTH_INTERVAL": "0.5",
+        "SESSION_PROXY_LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    proxy = ProxyProcess.start(tmp, proxy_env, ready_path="/readyz")
+    return Fleet(instances, proxy, owners)
+
+
+def stop_fleet(fleet: Fleet) -> None:
+    fleet.proxy.stop()
+    for sim in fleet.instances:
+        sim.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Three instances holding forty sessions each, and a proxy; shared by one test module."""
+    running = start_fleet(tmp_path_factory.mktemp("fleet"), sessions_per_instance=40)
+    try:
+        yield running
+    finally:
+        stop_fleet(running)
