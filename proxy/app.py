@@ -133,6 +133,7 @@ class ProxyApp:
         answer: Attempted | None = None
         status = 500
         code = ""
+        attempts = 0
         try:
             target = self.sessions.classify(method, path)
             session_id = target.session_id
@@ -148,8 +149,8 @@ class ProxyApp:
             status = answer.response.status_code
             await self._relay(send, answer, request_id)
         except ProxyError as error:
-            status, code = error.status, error.code
-            await self._send_error(send, error, request_id, answer.attempts if answer else None)
+            status, code, attempts = error.status, error.code, error.attempts
+            await self._send_error(send, error, request_id, error.attempts)
         except ClientDisconnected:
             status, code = 499, "client-closed"
         finally:
@@ -162,7 +163,7 @@ class ProxyApp:
                     "session_id": session_id,
                     "status": status,
                     "instance": answer.instance.url if answer else None,
-                    "attempts": answer.attempts if answer else 0,
+                    "attempts": answer.attempts if answer else attempts,
                     "error_code": code or None,
                     "ms": round((time.perf_counter() - started) * 1000, 3),
                 },
@@ -308,9 +309,7 @@ class ProxyApp:
                 await _send_json_bytes(send, status, first_body, request_id)
                 return status
             error = NoHealthyInstance("no instance answered the session list")
-            await self._send_error(
-                send, error, request_id, None, extra={"failed_instances": failed}
-            )
+            await self._send_error(send, error, request_id, 0, extra={"failed_instances": failed})
             return error.status
         merged = {
             "success": True,
@@ -327,7 +326,7 @@ class ProxyApp:
         send: Send,
         error: ProxyError,
         request_id: str,
-        attempts: int | None,
+        attempts: int,
         extra: dict[str, Any] | None = None,
     ) -> None:
         body = error_body(error, request_id)

@@ -93,7 +93,8 @@ class Settings:
     eject_after_failures: int = 3
     eject_base_seconds: float = 5.0
     eject_max_seconds: float = 120.0
-    rediscovery_rate: float = 50.0
+    rediscovery_rate: float = 20.0
+    snapshot_interval: float = 1.0
     # Reconcile
     reconcile_interval: float = 300.0
     # Operations
@@ -288,6 +289,7 @@ _PARSERS: dict[str, Any] = {
     "eject_base_seconds": lambda n, v: _float(n, v, 0.0),
     "eject_max_seconds": lambda n, v: _float(n, v, 0.0),
     "rediscovery_rate": lambda n, v: _float(n, v, 0.1),
+    "snapshot_interval": lambda n, v: _float(n, v, 0.05),
     "reconcile_interval": lambda n, v: _float(n, v, 0.0),
     "admin_token": lambda n, v: v,
     "host": lambda n, v: v,

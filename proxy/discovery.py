@@ -2,6 +2,12 @@
 
 A probe is the instance's own status route with the proxy's own api key. The first instance that
 answers ``connected`` wins at once; otherwise, once all have answered, the first holder does.
+
+Probing is bounded. Per-session probes draw from a token bucket (``REDISCOVERY_RATE`` per second);
+once it is empty, lookups are answered from a fleet snapshot instead: one list call per instance,
+shared by every lookup waiting at that moment and taken at most once per ``SNAPSHOT_INTERVAL``.
+A flood of random ids therefore costs the fleet a fixed number of calls per second, however many
+requests it holds, and a crash that moves a thousand sessions costs one round of list calls.
 """
 
 from __future__ import annotations
@@ -29,6 +35,32 @@ class Located:
     asked: int = 0
 
 
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class Snapshot:
+    """Every session the fleet holds, from one round of list calls that started at ``taken_at``."""
+
+    taken_at: float
+    holders: dict[str, list[tuple[str, str]]]  # session id -> [(instance url, status)]
+    failed: int
+
+
 @dataclass
 class Inventory:
     """One list call per instance: what each holds, and which could not be asked."""
@@ -44,7 +76,12 @@ class Discovery:
         self._client = client
         self._timeouts = Timeouts(settings.connect_timeout, settings.discovery_timeout)
         self._key_query = "?api_key=" + quote(settings.api_key, safe="") if settings.api_key else ""
+        self._bucket = TokenBucket(settings.rediscovery_rate, max(1.0, settings.rediscovery_rate))
+        self._snapshot_interval = settings.snapshot_interval
+        self._snapshot: Snapshot | None = None
+        self._snapshot_task: asyncio.Task[Snapshot] | None = None
         self.probes = 0  # status requests sent to the fleet, for tests and metrics
+        self.snapshots = 0  # rounds of list calls taken instead of probes
 
     async def _probe(self, instance: Instance, session_id: str) -> tuple[Instance, str | None]:
         """The session's status on this instance, or None when it does not hold it."""
@@ -57,12 +94,18 @@ class Discovery:
             return instance, None
         raise ProxyError(f"status probe answered {status}")
 
-    async def locate(self, session_id: str, exclude: Instance | None = None) -> Located:
+    async def locate(
+        self, session_id: str, exclude: Instance | None = None, not_before: float | None = None
+    ) -> Located:
+        """Find the holder. ``not_before``: a snapshot used instead of probes must be this new
+        (a rediscovery after a failure needs a view of the fleet taken after that failure)."""
         candidates = [i for i in self._instances.available() if i is not exclude]
         located = Located(None, asked=len(candidates))
         if not candidates:
             located.complete = False
             return located
+        if not self._bucket.take():
+            return await self._from_snapshot(session_id, exclude, not_before, len(candidates))
         tasks = [asyncio.create_task(self._probe(i, session_id)) for i in candidates]
         try:
             for next_done in asyncio.as_completed(tasks):
@@ -81,6 +124,57 @@ class Discovery:
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _from_snapshot(
+        self, session_id: str, exclude: Instance | None, not_before: float | None, asked: int
+    ) -> Located:
+        snapshot = await self.snapshot(not_before)
+        holders = [
+            (self._instances.get(url), status)
+            for url, status in snapshot.holders.get(session_id, [])
+            if exclude is None or url != exclude.url
+        ]
+        found = [(i, st) for i, st in holders if i is not None and i.available]
+        found.sort(key=lambda pair: pair[1] != "connected")
+        if found:
+            return Located(found[0][0], found[0][1], True, asked)
+        return Located(None, complete=snapshot.failed == 0, asked=asked)
+
+    async def snapshot(self, not_before: float | None = None) -> Snapshot:
+        """A fleet snapshot no older than ``SNAPSHOT_INTERVAL`` (and started after ``not_before``);
+        concurrent callers share one round of list calls, and rounds are at least an interval
+        apart."""
+        now = time.monotonic()
+        oldest = now - self._snapshot_interval
+        if not_before is not None:
+            oldest = max(oldest, not_before)
+        current = self._snapshot
+        if current is not None and current.taken_at >= oldest:
+            return current
+        task = self._snapshot_task
+        if task is None or task.done():
+            earliest = current.taken_at + self._snapshot_interval if current else now
+            task = asyncio.create_task(self._take_snapshot(max(0.0, earliest - now)))
+            self._snapshot_task = task
+        snapshot = await asyncio.shield(task)
+        if snapshot.taken_at < oldest:  # a round that started before we asked: take the next
+            return await self.snapshot(not_before)
+        return snapshot
+
+    async def _take_snapshot(self, delay: float) -> Snapshot:
+        if delay:
+            await asyncio.sleep(delay)
+        taken_at = time.monotonic()
+        inventory = await self.inventory()
+        self.snapshots += 1
+        holders: dict[str, list[tuple[str, str]]] = {}
+        for url, sessions in inventory.sessions.items():
+            for entry in sessions:
+                if isinstance(entry, dict) and isinstance(entry.get("session_id"), str):
+                    status = str(entry.get("status") or "unknown")
+                    holders.setdefault(entry["session_id"], []).append((url, status))
+        self._snapshot = Snapshot(taken_at, holders, len(inventory.failed))
+        return self._snapshot
 
     async def inventory(self, api_key_query: str | None = None) -> Inventory:
         """Every available instance's session list, fetched in parallel."""

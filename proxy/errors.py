@@ -15,6 +15,7 @@ class ProxyError(Exception):
     def __init__(self, detail: str | None = None, *, retry_after: int | None = None) -> None:
         self.detail = detail or self.message
         self.retry_after = retry_after
+        self.attempts = 0  # tries made before giving up; set by the attempt loop
         super().__init__(self.detail)
 
 

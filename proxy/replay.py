@@ -114,36 +114,53 @@ class Router:
                 return instance
         return await self._locate(session_id, exclude=None)
 
-    async def rediscover(self, session_id: str, exclude: Instance, reason: str) -> Instance:
-        """The owner was wrong or gone: forget it and ask the rest of the fleet."""
+    async def rediscover(self, session_id: str, failed: Instance, error: ProxyError) -> Instance:
+        """The owner was wrong or gone: forget it and look again at a view of the fleet taken
+        after the failure. Only an owner that said "Session not found" is left out: one that
+        reset a connection may still hold the session, and its own status answer decides."""
         self.rediscoveries += 1
+        failed_at = time.monotonic()
+        exclude = failed if isinstance(error, SessionNotFound) else None
         await self.table.forget(session_id)
-        instance = await self._locate(session_id, exclude=exclude)
-        if instance is exclude:
-            # A lookup that started before this failure answered; ask again without it.
-            await self.table.forget(session_id)
-            instance = await self._locate(session_id, exclude=exclude)
+        try:
+            instance = await self._locate(session_id, exclude, failed_at)
+            if exclude is not None and instance is exclude:
+                # A lookup that started before this failure answered; ask again without it.
+                await self.table.forget(session_id)
+                instance = await self._locate(session_id, exclude, failed_at)
+        except SessionNotFound:
+            if isinstance(error, SessionNotFound):
+                raise
+            # Nobody else holds it: the truthful answer is what happened to the owner.
+            if isinstance(error, UpstreamUnreachable):
+                error.detail = (
+                    f"the instance holding the session ({failed.url}) cannot be reached and no "
+                    "other instance holds it"
+                )
+            raise error from None
         log.info(
             "session rediscovered",
             extra={
                 "session_id": session_id,
-                "old_instance": exclude.url,
+                "old_instance": failed.url,
                 "new_instance": instance.url,
-                "reason": reason,
+                "reason": error.code,
             },
         )
         return instance
 
-    async def _locate(self, session_id: str, exclude: Instance | None) -> Instance:
+    async def _locate(
+        self, session_id: str, exclude: Instance | None, not_before: float | None = None
+    ) -> Instance:
         async def lookup() -> str | None:
-            located = await self.discovery.locate(session_id, exclude=exclude)
+            located = await self.discovery.locate(session_id, exclude, not_before)
             if located.instance is not None:
                 await self.table.put(session_id, located.instance.url)
                 return located.instance.url
+            if located.asked == 0:
+                raise NoHealthyInstance()
             if located.complete:
                 await self.table.put_negative(session_id)
-            elif located.asked == 0:
-                raise NoHealthyInstance()
             return None
 
         url = await self.table.single_flight(session_id, lookup)
@@ -158,23 +175,26 @@ class Router:
         owner = await self.owner_of(session_id)
         deadline = time.monotonic() + self.settings.replay_deadline
         attempts = 0
-        while True:
-            if not owner.available:
-                owner = await self._moved(session_id, owner, "owner ejected", unreachable=True)
-            attempts += 1
-            try:
-                answer = await self._attempt(owner, request, attempts, session_aware=True)
-            except ProxyError as error:
-                self._check_replay(request, error, attempts, deadline)
-                unreachable = isinstance(error, UpstreamUnreachable)
-                owner = await self._moved(session_id, owner, error.code, unreachable)
-                continue
-            if answer is not None:
-                return answer
-            # The instance answered "Session not found": it refused the request, so any method
-            # may go to the real owner.
-            self._check_replay(request, SessionNotFound(), attempts, deadline)
-            owner = await self._moved(session_id, owner, "session-not-found", unreachable=False)
+        try:
+            while True:
+                if not owner.available:
+                    owner = await self.rediscover(
+                        session_id, owner, UpstreamUnreachable(f"{owner.url} is ejected")
+                    )
+                attempts += 1
+                try:
+                    answer = await self._attempt(owner, request, attempts, session_aware=True)
+                    if answer is not None:
+                        return answer
+                    # The instance answered "Session not found": it refused the request, so any
+                    # method may go to the real owner.
+                    raise SessionNotFound()
+                except ProxyError as error:
+                    self._check_replay(request, error, attempts, deadline)
+                    owner = await self.rediscover(session_id, owner, error)
+        except ProxyError as error:
+            error.attempts = error.attempts or attempts
+            raise
 
     async def to_any(
         self, request: OutgoingRequest, pick: Callable[[set[str]], Instance]
@@ -183,17 +203,21 @@ class Router:
         deadline = time.monotonic() + self.settings.replay_deadline
         tried: set[str] = set()
         attempts = 0
-        while True:
-            instance = pick(tried)
-            tried.add(instance.url)
-            attempts += 1
-            try:
-                answer = await self._attempt(instance, request, attempts, session_aware=False)
-            except ProxyError as error:
-                self._check_replay(request, error, attempts, deadline)
-                continue
-            assert answer is not None
-            return answer
+        try:
+            while True:
+                instance = pick(tried)
+                tried.add(instance.url)
+                attempts += 1
+                try:
+                    answer = await self._attempt(instance, request, attempts, session_aware=False)
+                except ProxyError as error:
+                    self._check_replay(request, error, attempts, deadline)
+                    continue
+                assert answer is not None
+                return answer
+        except ProxyError as error:
+            error.attempts = error.attempts or attempts
+            raise
 
     async def _attempt(
         self, instance: Instance, request: OutgoingRequest, attempts: int, session_aware: bool
@@ -235,19 +259,6 @@ class Router:
                 f"gave up after {attempts} attempts; the last failed with {error.code}: "
                 f"{error.detail}"
             )
-
-    async def _moved(
-        self, session_id: str, owner: Instance, reason: str, unreachable: bool
-    ) -> Instance:
-        try:
-            return await self.rediscover(session_id, owner, reason)
-        except SessionNotFound:
-            if unreachable:
-                raise UpstreamUnreachable(
-                    f"the instance holding the session ({owner.url}) cannot be reached and no "
-                    "other instance holds it"
-                ) from None
-            raise
 
     def pick_any(self, tried: set[str]) -> Instance:
         for _ in range(len(self.instances)):

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -98,6 +98,13 @@ def hop(upstream: Upstream) -> Iterator[FaultyHop]:
 
 def client(timeout: float = 2.0) -> httpx.Client:
     return httpx.Client(timeout=timeout, trust_env=False)
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 # --- the modes -----------------------------------------------------------------------------------
@@ -218,7 +225,12 @@ def test_after_request_modes_apply_on_a_pooled_connection(
 
 
 def test_refuse_resets_existing_connections(hop: FaultyHop) -> None:
-    with socket.create_connection(("127.0.0.1", hop.port), timeout=2) as sock:
+    hop.set_mode("stall")
+    stalled = socket.create_connection(("127.0.0.1", hop.port), timeout=2)
+    stalled.sendall(b"GET /0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    eventually(lambda: hop.connections == 1)  # the hop picks the mode when it accepts
+    hop.set_mode("pass")
+    with stalled, socket.create_connection(("127.0.0.1", hop.port), timeout=2) as sock:
         sock.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = b""
         while not reply.endswith(b"}"):  # the whole JSON body, which may come in two segments
@@ -227,6 +239,8 @@ def test_refuse_resets_existing_connections(hop: FaultyHop) -> None:
         hop.set_mode("refuse")
         with pytest.raises(ConnectionResetError):
             sock.recv(65536)
+        with pytest.raises(ConnectionResetError):
+            stalled.recv(65536)
 
 
 async def test_works_from_an_async_test(hop: FaultyHop) -> None:
@@ -258,9 +272,10 @@ def test_stop_closes_everything_and_joins_the_thread(upstream: Upstream) -> None
     hop.set_mode("stall")
     stalled = socket.create_connection(("127.0.0.1", hop.port), timeout=2)
     stalled.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    eventually(lambda: hop.connections == 1)
     hop.set_mode("blackhole")
     holed = socket.create_connection(("127.0.0.1", hop.port), timeout=2)
-    time.sleep(0.05)
+    eventually(lambda: hop.connections == 2)
     hop.stop()
     hop.stop()
     assert not hop.running

@@ -185,6 +185,12 @@ def _pause_reading(writer: asyncio.StreamWriter) -> None:
         transport.pause_reading()
 
 
+async def _discard(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(OSError):
+        while await reader.read(_CHUNK):
+            pass
+
+
 @dataclass
 class _Item:
     at: float
@@ -437,6 +443,9 @@ class FaultyHop:
         except asyncio.CancelledError:
             conn.abort()
             raise
+        except OSError:
+            # The client went away first; that is its right, not a fault of the hop.
+            conn.abort()
         except Exception as exc:
             self.errors.append(exc)
             conn.abort()
@@ -460,9 +469,12 @@ class FaultyHop:
         if mode == "stall":
             self.faults_injected += 1
             conn.state = "stalled"
-            while await conn.client_r.read(_CHUNK):
-                pass
-            await conn.finished.wait()
+            drain = asyncio.create_task(_discard(conn.client_r))
+            try:
+                await conn.finished.wait()
+            finally:
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
             _reset(conn.client_w)
             return
         try:
