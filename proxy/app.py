@@ -114,6 +114,7 @@ class ProxyApp:
             "instances": len(self.instances),
             "healthy_instances": healthy,
             "shutting_down": self.shutting_down,
+            "instance_states": [i.snapshot() for i in self.instances.all],
         }
         return ready, detail
 

@@ -179,7 +179,7 @@ def _client(proxy: ProxyProcess) -> httpx.Client:
 
 
 def test_a_get_cut_off_by_a_reset_is_replayed(hop_fleet: tuple[Simulator, ...]) -> None:
-    a, b, hop, proxy = hop_fleet  # type: ignore[misc]
+    _a, b, hop, proxy = hop_fleet  # type: ignore[misc]
     with _client(proxy) as client:
         warm = client.get("/api/sessions/sess_on_a/status", params={"api_key": API_KEY})
         assert warm.headers["x-proxy-instance"] == hop.url
@@ -217,7 +217,7 @@ def test_a_post_cut_off_by_a_reset_is_ambiguous(hop_fleet: tuple[Simulator, ...]
 def test_a_post_that_gets_no_answer_in_time_is_a_timeout_not_a_replay(
     hop_fleet: tuple[Simulator, ...],
 ) -> None:
-    a, b, hop, proxy = hop_fleet  # type: ignore[misc]
+    _a, _b, hop, proxy = hop_fleet  # type: ignore[misc]
     with _client(proxy) as client:
         assert client.get("/api/sessions/sess_on_a/status", params={"api_key": API_KEY}).is_success
         hop.set_mode("stall")
@@ -239,7 +239,7 @@ def test_a_post_that_gets_no_answer_in_time_is_a_timeout_not_a_replay(
 
 def test_a_streamed_body_is_never_replayed(hop_fleet: tuple[Simulator, ...]) -> None:
     """PUT is idempotent, but a body over the replay buffer is gone once sent."""
-    a, b, hop, proxy = hop_fleet  # type: ignore[misc]
+    _a, b, hop, proxy = hop_fleet  # type: ignore[misc]
     big = {"api_key": API_KEY, "metadata": {"blob": "x" * (2 * 1024 * 1024)}}
     with _client(proxy) as client:
         assert client.get("/api/sessions/sess_on_a/status", params={"api_key": API_KEY}).is_success

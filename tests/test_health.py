@@ -1,0 +1,92 @@
+"""Instance health: active checks eject and restore, back-off grows, placement skips the ejected."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import API_KEY, Fleet, start_fleet, stop_fleet
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    running = start_fleet(
+        tmp_path,
+        sessions_per_instance=2,
+        env={
+            "SESSION_PROXY_HEALTH_INTERVAL": "0.2",
+            "SESSION_PROXY_HEALTH_TIMEOUT": "0.5",
+            "SESSION_PROXY_EJECT_BASE_SECONDS": "1",
+            "SESSION_PROXY_EJECT_MAX_SECONDS": "8",
+        },
+    )
+    try:
+        yield running
+    finally:
+        stop_fleet(running)
+
+
+def _state(fleet: Fleet, url: str) -> dict[str, Any]:
+    with fleet.client() as client:
+        states = client.get("/readyz").json()["instance_states"]
+    return next(s for s in states if s["url"] == url)
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_a_dead_instance_is_ejected_and_skipped_by_placement(fleet: Fleet) -> None:
+    dead = fleet.instances[0]
+    dead.kill()
+    took = _wait_for(lambda: _state(fleet, dead.url)["ejected"])
+    print(f"\nejected {took:.2f} s after SIGKILL (health interval 0.2 s)")
+    with fleet.client() as client:
+        ready = client.get("/readyz").json()
+        assert ready["healthy_instances"] == 2 and ready["ready"] is True
+        placed = [
+            client.post(
+                "/api/sessions", json={"session_id": f"new_{n}", "api_key": API_KEY}
+            ).headers["x-proxy-instance"]
+            for n in range(6)
+        ]
+    assert dead.url not in placed
+    assert set(placed) == {fleet.instances[1].url, fleet.instances[2].url}
+
+
+def test_an_ejected_instance_returns_after_a_back_off_that_grows(fleet: Fleet) -> None:
+    flapping = fleet.instances[1]
+    flapping.set_faults(unhealthy=True)
+    _wait_for(lambda: _state(fleet, flapping.url)["ejected"])
+    first = _state(fleet, flapping.url)
+    assert first["ejections_in_a_row"] == 1
+    flapping.set_faults(unhealthy=False)
+    back_after = _wait_for(lambda: not _state(fleet, flapping.url)["ejected"])
+    assert back_after >= 0.5  # not before its 1 s back-off ran out
+
+    flapping.set_faults(unhealthy=True)
+    _wait_for(lambda: _state(fleet, flapping.url)["ejected"])
+    second = _state(fleet, flapping.url)
+    assert second["ejections_in_a_row"] == 2
+    assert second["ejected_for_seconds"] > 1.2  # doubled: 2 s
+    flapping.set_faults(unhealthy=False)
+    _wait_for(lambda: not _state(fleet, flapping.url)["ejected"])
+    print(f"\nback after {back_after:.2f} s the first time; second back-off 2 s")
+
+
+def test_passing_checks_do_not_end_an_ejection_early(fleet: Fleet) -> None:
+    sick = fleet.instances[2]
+    sick.set_faults(unhealthy=True)
+    _wait_for(lambda: _state(fleet, sick.url)["ejected"])
+    sick.set_faults(unhealthy=False)
+    time.sleep(0.5)  # several passing checks, but the 1 s back-off is not over
+    assert _state(fleet, sick.url)["ejected"] is True
