@@ -97,15 +97,30 @@ class Discovery:
     async def locate(
         self, session_id: str, exclude: Instance | None = None, not_before: float | None = None
     ) -> Located:
-        """Find the holder. ``not_before``: a snapshot used instead of probes must be this new
-        (a rediscovery after a failure needs a view of the fleet taken after that failure)."""
-        candidates = [i for i in self._instances.available() if i is not exclude]
+        """Find the holder among healthy instances, then, as a last resort, among ejected ones
+        (a session held only by an instance that just came back must not be "not found").
+
+        ``not_before``: a snapshot used instead of probes must be this new (a rediscovery after
+        a failure needs a view of the fleet taken after that failure)."""
+        healthy = [i for i in self._instances.available() if i is not exclude]
+        ejected = [
+            i for i in self._instances.all if not i.healthy and not i.draining and i is not exclude
+        ]
+        if not self._bucket.take():
+            return await self._from_snapshot(session_id, exclude, not_before, len(healthy))
+        located = await self._probe_all(healthy, session_id)
+        if located.instance is None and ejected:
+            last_resort = await self._probe_all(ejected, session_id)
+            # An ejected instance that cannot answer is known to be down: it does not make the
+            # answer incomplete.
+            located.instance, located.status = last_resort.instance, last_resort.status
+        located.asked = len(healthy)
+        return located
+
+    async def _probe_all(self, candidates: list[Instance], session_id: str) -> Located:
         located = Located(None, asked=len(candidates))
         if not candidates:
-            located.complete = False
             return located
-        if not self._bucket.take():
-            return await self._from_snapshot(session_id, exclude, not_before, len(candidates))
         tasks = [asyncio.create_task(self._probe(i, session_id)) for i in candidates]
         try:
             for next_done in asyncio.as_completed(tasks):
@@ -129,13 +144,13 @@ class Discovery:
         self, session_id: str, exclude: Instance | None, not_before: float | None, asked: int
     ) -> Located:
         snapshot = await self.snapshot(not_before)
-        holders = [
-            (self._instances.get(url), status)
-            for url, status in snapshot.holders.get(session_id, [])
-            if exclude is None or url != exclude.url
-        ]
-        found = [(i, st) for i, st in holders if i is not None and i.available]
-        found.sort(key=lambda pair: pair[1] != "connected")
+        found: list[tuple[Instance, str]] = []
+        for url, status in snapshot.holders.get(session_id, []):
+            instance = self._instances.get(url)
+            if instance is not None and not instance.draining and instance is not exclude:
+                found.append((instance, status))
+        # Healthy and connected first; an ejected holder only as a last resort.
+        found.sort(key=lambda pair: (not pair[0].healthy, pair[1] != "connected"))
         if found:
             return Located(found[0][0], found[0][1], True, asked)
         return Located(None, complete=snapshot.failed == 0, asked=asked)
@@ -173,7 +188,9 @@ class Discovery:
                 if isinstance(entry, dict) and isinstance(entry.get("session_id"), str):
                     status = str(entry.get("status") or "unknown")
                     holders.setdefault(entry["session_id"], []).append((url, status))
-        self._snapshot = Snapshot(taken_at, holders, len(inventory.failed))
+        # Ejected instances that cannot answer are known to be down: not a gap in the view.
+        failed = [u for u in inventory.failed if (i := self._instances.get(u)) and i.healthy]
+        self._snapshot = Snapshot(taken_at, holders, len(failed))
         return self._snapshot
 
     async def inventory(self, api_key_query: str | None = None) -> Inventory:
@@ -196,6 +213,6 @@ class Discovery:
             sessions = body.get("sessions")
             inventory.sessions[instance.url] = sessions if isinstance(sessions, list) else []
 
-        await asyncio.gather(*(fetch(i) for i in self._instances.available()))
+        await asyncio.gather(*(fetch(i) for i in self._instances.all if not i.draining))
         inventory.seconds = time.monotonic() - started
         return inventory
