@@ -1,6 +1,9 @@
-# Sourced by ./dev test: makes sure the services the tests use are there, starting throwaway
-# ones when the machine has none. Exports what the tests read.
+# Sourced by ./dev test: makes sure what the tests use is on the machine, installing packages and
+# starting throwaway services when it has none. Exports what the tests read.
+here="$(dirname "${BASH_SOURCE[0]}")"
+# shellcheck source=scripts/deps-php.sh
+source "$here/deps-php.sh"
 
 ensure_services() {
-  :
+  ensure_php
 }
