@@ -27,8 +27,10 @@ from .errors import BodyTooLarge, NoHealthyInstance, ProxyError, SessionNotFound
 from .forward import buffered_body, error_body, relay, request_headers, response_headers
 from .instances import HealthChecker, Instance, InstanceSet
 from .observe import new_request_id
+from .reconcile import Reconciler
 from .replay import Attempted, OutgoingRequest, Router, StreamedBody
 from .sessions import Kind, SessionRouter, Target
+from .store import Store, StoreUnavailable
 from .table import RoutingTable
 
 Scope = MutableMapping[str, Any]
@@ -56,7 +58,11 @@ class ProxyApp:
         self.instances = InstanceSet(settings)
         self.table = RoutingTable(ttl=settings.cache_ttl, negative_ttl=settings.negative_ttl)
         self.discovery = Discovery(settings, self.instances, self.client)
-        self.router = Router(settings, self.instances, self.table, self.discovery, self.client)
+        self.store = Store(settings, self._invalidate) if settings.database_url else None
+        self.router = Router(
+            settings, self.instances, self.table, self.discovery, self.client, self.store
+        )
+        self.reconciler = Reconciler(settings, self.instances, self.discovery, self.store)
         self.sessions = SessionRouter(settings)
         self.health = HealthChecker(settings, self.instances, self.client)
         self.started_at = time.time()
@@ -91,6 +97,13 @@ class ProxyApp:
     async def start(self) -> None:
         await self.health.check_all()
         self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
+        if self.store is not None:
+            await self.store.start_background()
+            with contextlib.suppress(StoreUnavailable):
+                for stored in await self.store.stored_forms():
+                    self.instances.resolve(stored)
+            if self.settings.reconcile_interval > 0:
+                self._tasks.append(asyncio.create_task(self.reconciler.run(), name="reconcile"))
 
     async def stop(self) -> None:
         self.shutting_down = True
@@ -98,8 +111,17 @@ class ProxyApp:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.store is not None:
+            await self.store.close()
         await self.client.aclose()
         await self.table.close()
+
+    async def _invalidate(self, session_id: str | None) -> None:
+        """The database says a row changed (or we may have missed changes): forget it."""
+        if session_id is None:
+            await self.table.clear()
+        else:
+            await self.table.forget(session_id)
 
     # --- the proxy's own endpoints ---------------------------------------------------------------
 
@@ -116,6 +138,16 @@ class ProxyApp:
             "shutting_down": self.shutting_down,
             "instance_states": [i.snapshot() for i in self.instances.all],
         }
+        if self.store is not None:
+            # Routing goes on without the database: it is reported, not required.
+            detail["database"] = {
+                "up": self.store.up,
+                "listening": self.store.listening,
+                "writeback_pending": self.store.pending,
+                "queries": self.store.queries.as_dict(),
+                "last_error": self.store.last_error,
+            }
+            detail["reconcile"] = self.reconciler.status()
         return ready, detail
 
     async def _readyz(self, _request: Request) -> Response:
@@ -190,6 +222,7 @@ class ProxyApp:
         if 200 <= answer.response.status_code < 300:
             answer.instance.sessions += 1
             await self.table.put(session_id, answer.instance.url)
+            self.router.record(session_id, answer.instance)
         return answer
 
     def _outgoing(

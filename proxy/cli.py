@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -57,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--sessions", default="", help="session ids present at start-up")
     simulate.add_argument("--log", default=None, help="JSON-lines event log")
 
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="one reconcile pass: fleet inventory against the database, moves written back",
+        description="Exit codes: 0 done; 1 database or every instance unreachable; "
+        "3 done, but some instances were unreachable; 4 another replica is reconciling.",
+    )
+    _add_flags(reconcile, _COMMON_FLAGS)
+    reconcile.add_argument("--dry-run", action="store_true", help="report, write nothing")
+    reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    migrate = commands.add_parser("migrate", help="install the NOTIFY trigger")
+    _add_flags(migrate, {"database_url": _COMMON_FLAGS["database_url"]})
+    migrate.add_argument(
+        "--create-table", action="store_true", help="create a minimal table (no Laravel)"
+    )
+
     demo = commands.add_parser("demo", help="watch routing, a crash and the recovery")
     demo.add_argument("--fast", action="store_true", help="no pauses between steps")
     return parser
@@ -92,6 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.log:
                 sim_argv += ["--log", args.log]
             return simulator.main(sim_argv)
+        if args.command == "reconcile":
+            from .operations import reconcile_command
+
+            return asyncio.run(reconcile_command(settings_from(args), args.dry_run, args.json))
+        if args.command == "migrate":
+            from .operations import migrate_command
+
+            return asyncio.run(migrate_command(settings_from(args), args.create_table))
         if args.command == "demo":
             from .demo import run_demo
 

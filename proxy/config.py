@@ -45,6 +45,9 @@ class Settings:
     column_instance_url: str = "assigned_instance_url"
     column_status: str = "status"
     column_deleted_at: str = "deleted_at"
+    active_status: str = "connected"
+    database_pool_size: int = 4
+    writeback_queue_limit: int = 100_000
     # Routing
     session_id_pattern: str = r"[A-Za-z0-9_-]{1,128}"
     path_patterns: tuple[str, ...] = (
@@ -270,6 +273,9 @@ _PARSERS: dict[str, Any] = {
     "column_instance_url": _identifier,
     "column_status": _identifier,
     "column_deleted_at": _identifier,
+    "active_status": lambda n, v: v,
+    "database_pool_size": lambda n, v: _int(n, v, 1),
+    "writeback_queue_limit": lambda n, v: _int(n, v, 1),
     "session_id_pattern": _pattern,
     "path_patterns": _path_patterns,
     "body_routes": _routes,

@@ -38,6 +38,7 @@ class Instance:
     last_error: str | None = None
     last_check_at: float = 0.0
     draining: bool = False  # removed from discovery; kept until DNS says otherwise
+    stored_form: str | None = None  # how the database spells this instance, once seen there
     host_header: bytes = field(init=False, default=b"")
 
     def __post_init__(self) -> None:
@@ -46,7 +47,7 @@ class Instance:
     @property
     def alias(self) -> str:
         """The form to write to the database: the one the application already uses."""
-        return self.aliases[0] if self.aliases else self.url
+        return self.stored_form or (self.aliases[0] if self.aliases else self.url)
 
     @property
     def available(self) -> bool:
@@ -128,14 +129,18 @@ class InstanceSet:
         return self._by_url.get(url)
 
     def resolve(self, stored: str | None) -> Instance | None:
-        """The member a stored string (URL or alias) names, or None: never a non-member."""
+        """The member a stored string (URL or alias) names, or None: never a non-member.
+
+        The first spelling seen for a member is remembered, so write-backs use the same form."""
         if not stored:
             return None
         instance = self._by_url.get(stored)
-        if instance is not None:
-            return instance
-        key = alias_key(stored)
-        return self._by_alias.get(key) if key else None
+        if instance is None:
+            key = alias_key(stored)
+            instance = self._by_alias.get(key) if key else None
+        if instance is not None and instance.stored_form is None:
+            instance.stored_form = stored
+        return instance
 
     # --- selection -------------------------------------------------------------------------------
 

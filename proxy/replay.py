@@ -31,6 +31,7 @@ from .errors import (
 )
 from .forward import buffered_body, is_session_not_found
 from .instances import Instance, InstanceSet
+from .store import Store, StoreUnavailable
 from .table import NEGATIVE, RoutingTable
 
 log = logging.getLogger("session_proxy.replay")
@@ -93,18 +94,21 @@ class Router:
         table: RoutingTable,
         discovery: Discovery,
         client: UpstreamClient,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings
         self.instances = instances
         self.table = table
         self.discovery = discovery
         self.client = client
+        self.store = store
         self.rediscoveries = 0
 
     # --- owners ----------------------------------------------------------------------------------
 
     async def owner_of(self, session_id: str) -> Instance:
-        """Routing table first, then the fleet; a remembered unknown answers at once."""
+        """Routing table first, then the database row, then the fleet; a remembered unknown
+        answers at once."""
         known = await self.table.get(session_id)
         if known == NEGATIVE:
             raise SessionNotFound()
@@ -112,7 +116,32 @@ class Router:
             instance = self.instances.get(known)
             if instance is not None:
                 return instance
-        return await self._locate(session_id, exclude=None)
+        return await self._locate(session_id, exclude=None, ask_store=True)
+
+    def record(self, session_id: str, instance: Instance) -> None:
+        """Tell the database where the session is (queued, written in batches)."""
+        if self.store is not None:
+            self.store.record(session_id, instance.alias)
+
+    async def _stored_owner(self, session_id: str) -> Instance | None:
+        """The database row's owner, when it names a healthy member of the instance set."""
+        if self.store is None:
+            return None
+        try:
+            stored = await self.store.owner(session_id)
+        except StoreUnavailable:
+            return None
+        if stored is None:
+            return None
+        instance = self.instances.resolve(stored)
+        if instance is None:
+            # Never contacted: the row is corrected once the fleet says where the session is.
+            log.warning(
+                "database row points outside the instance set; rediscovering",
+                extra={"session_id": session_id, "stored": stored[:255]},
+            )
+            return None
+        return instance if instance.available else None
 
     async def rediscover(self, session_id: str, failed: Instance, error: ProxyError) -> Instance:
         """The owner was wrong or gone: forget it and look again at a view of the fleet taken
@@ -150,12 +179,22 @@ class Router:
         return instance
 
     async def _locate(
-        self, session_id: str, exclude: Instance | None, not_before: float | None = None
+        self,
+        session_id: str,
+        exclude: Instance | None,
+        not_before: float | None = None,
+        ask_store: bool = False,
     ) -> Instance:
         async def lookup() -> str | None:
+            if ask_store:
+                stored = await self._stored_owner(session_id)
+                if stored is not None:
+                    await self.table.put(session_id, stored.url)
+                    return stored.url
             located = await self.discovery.locate(session_id, exclude, not_before)
             if located.instance is not None:
                 await self.table.put(session_id, located.instance.url)
+                self.record(session_id, located.instance)
                 return located.instance.url
             if located.asked == 0:
                 raise NoHealthyInstance()

@@ -999,6 +999,14 @@ def _non_negative(value: str) -> float:
     return number
 
 
+def _initial_sessions(listed: str, path: str | None) -> tuple[str, ...]:
+    ids = [s.strip() for s in listed.split(",")]
+    if path:
+        with open(path, encoding="utf-8") as handle:
+            ids += [line.strip() for line in handle]
+    return tuple(i for i in ids if i)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m proxy.simulator",
@@ -1013,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log", default=None, help="JSON-lines event log to append to")
     parser.add_argument("--sessions", default="", help="comma list of sessions present at start")
+    parser.add_argument(
+        "--sessions-file", default=None, help="file with one session id per line (for many)"
+    )
     parser.add_argument("--send-delay", type=_non_negative, default=SimulatorConfig.send_delay)
     args = parser.parse_args(argv)
     config = SimulatorConfig(
@@ -1020,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key,
         connect_delay=args.connect_delay,
         log_path=args.log,
-        sessions=tuple(s.strip() for s in args.sessions.split(",") if s.strip()),
+        sessions=_initial_sessions(args.sessions, args.sessions_file),
         send_delay=args.send_delay,
     )
     try:

@@ -3,7 +3,10 @@
 here="$(dirname "${BASH_SOURCE[0]}")"
 # shellcheck source=scripts/deps-php.sh
 source "$here/deps-php.sh"
+# shellcheck source=scripts/deps-postgres.sh
+source "$here/deps-postgres.sh"
 
 ensure_services() {
   ensure_php
+  ensure_postgres
 }

@@ -69,3 +69,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield running
     finally:
         stop_fleet(running)
+
+
+# Real Postgres for the database tests: a fresh database per test, or a cluster of its own.
+from tests.helpers.pg_fixtures import pg_database, throwaway_pg  # noqa: E402, F401

@@ -351,7 +351,10 @@ class Simulator(_Child):
             str(self.log_path),
         ]
         if sessions:
-            cmd += ["--sessions", ",".join(sessions)]
+            # One argument may not exceed 128 KiB: many ids go through a file.
+            listing = self.tmp_path / f"sim-{self.name}.sessions"
+            listing.write_text("\n".join(sessions) + "\n")
+            cmd += ["--sessions-file", str(listing)]
         return cmd
 
     def _launch(self, sessions: tuple[str, ...], port: int | None) -> None:

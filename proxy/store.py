@@ -1,0 +1,456 @@
+"""Postgres, the application's truth about who owns a session: the only asyncpg user.
+
+- ``owner``: one indexed SELECT on a routing-table miss (never on a hit).
+- ``record``: every move and placement is queued and written in batches (one statement per
+  batch); the queue is bounded and survives a database outage, flushed when it returns.
+- ``listen``: a dedicated connection LISTENs for the trigger's NOTIFY (``migrate`` installs it)
+  and forgets that session's entry in every replica at once; after any disconnection the whole
+  table is dropped, since notifications sent meanwhile are lost.
+- ``leader``: a session-level advisory lock, so one replica reconciles at a time.
+
+The database going away never takes routing down: lookups are skipped while it is down (the
+fleet is asked instead) and write-backs wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from .config import Settings
+
+log = logging.getLogger("session_proxy.store")
+
+CHANNEL = "session_proxy_owner"
+LOCK_NAME = "session-proxy-reconcile"
+LOOKUP_TIMEOUT = 1.0
+STATEMENT_TIMEOUT = 30.0
+
+Invalidate = Callable[[str | None], Awaitable[None]]  # a session id, or None for "everything"
+
+
+class StoreUnavailable(Exception):
+    """The database cannot answer now; callers fall back to the fleet."""
+
+
+def quote_ident(name: str) -> str:
+    """Quote a (possibly schema-qualified) identifier; config already checked its characters."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+@dataclass
+class Columns:
+    """What the table has, learned once per connection: optional columns are used if present."""
+
+    migration_count: bool = False
+    migrated_at: bool = False
+    updated_at: bool = False
+    # Every NOT NULL column without a default is one we can fill: rows may be inserted.
+    insertable: bool = False
+
+
+@dataclass
+class QueryCounts:
+    lookup: int = 0
+    write: int = 0
+    reconcile: int = 0
+    background: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class Store:
+    settings: Settings
+    invalidate: Invalidate | None = None
+    up: bool = False
+    listening: bool = False
+    queries: QueryCounts = field(default_factory=QueryCounts)
+    dropped_writes: int = 0
+    last_error: str | None = None
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self._table = quote_ident(s.table_name)
+        self._sid = quote_ident(s.column_session_id)
+        self._url = quote_ident(s.column_instance_url)
+        self._status = quote_ident(s.column_status)
+        self._deleted = quote_ident(s.column_deleted_at)
+        self._pool: asyncpg.Pool | None = None
+        self._columns = Columns()
+        self._pending: OrderedDict[str, str] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the pool without connecting: a database down now must not stop start-up."""
+        self._pool = await asyncpg.create_pool(
+            self.settings.database_url,
+            min_size=0,
+            max_size=self.settings.database_pool_size,
+            command_timeout=STATEMENT_TIMEOUT,
+            max_inactive_connection_lifetime=60.0,
+        )
+        with contextlib.suppress(StoreUnavailable):
+            await self.check()
+
+    async def start_background(self, listen: bool = True) -> None:
+        await self.open()
+        self._tasks.append(asyncio.create_task(self._flush_forever(), name="store-writeback"))
+        if listen:
+            self._tasks.append(asyncio.create_task(self._listen_forever(), name="store-listen"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._pending and self.up:
+            with contextlib.suppress(StoreUnavailable):
+                await self.flush()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5.0)
+
+    def _mark(self, up: bool, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.last_error = f"{type(error).__name__}: {error}"
+        if up != self.up:
+            self.up = up
+            if up:
+                log.info("database reachable")
+            else:
+                log.warning("database unreachable", extra={"error": self.last_error})
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, wait: float = STATEMENT_TIMEOUT) -> AsyncIterator[Any]:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            async with self._pool.acquire(timeout=wait) as conn:
+                yield conn
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            self._mark(False, exc)
+            raise StoreUnavailable(str(exc)) from exc
+        except (TimeoutError, asyncpg.QueryCanceledError) as exc:
+            self._mark(False, exc)
+            raise StoreUnavailable("the database did not answer in time") from exc
+        except asyncpg.PostgresError as exc:
+            # The server answered: it is up, but the statement is wrong (missing table, ...).
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise StoreUnavailable(self.last_error) from exc
+
+    async def check(self) -> None:
+        """Reach the database and learn the table's shape; marks the store up or down."""
+        async with self._connection(wait=5.0) as conn:
+            self.queries.background += 1
+            await self._learn_columns(conn)
+        self._mark(True)
+
+    async def _learn_columns(self, conn: Any) -> None:
+        schema, _, table = self.settings.table_name.rpartition(".")
+        rows = await conn.fetch(
+            """SELECT column_name, is_nullable, column_default, is_identity
+                 FROM information_schema.columns
+                WHERE table_name = $1
+                  AND table_schema = COALESCE(NULLIF($2, ''), current_schema())""",
+            table,
+            schema,
+        )
+        if not rows:
+            raise asyncpg.UndefinedTableError(
+                f"table {self.settings.table_name} does not exist "
+                "(run `session-proxy migrate --create-table` for a standalone one)"
+            )
+        names = {r["column_name"] for r in rows}
+        fillable = {self.settings.column_session_id, self.settings.column_instance_url}
+        required = {
+            r["column_name"]
+            for r in rows
+            if r["is_nullable"] == "NO"
+            and r["column_default"] is None
+            and r["is_identity"] != "YES"
+        }
+        self._columns = Columns(
+            migration_count="instance_migration_count" in names,
+            migrated_at="last_instance_migration_at" in names,
+            updated_at="updated_at" in names,
+            insertable=required <= fillable,
+        )
+
+    # --- lookups ---------------------------------------------------------------------------------
+
+    def pending_owner(self, session_id: str) -> str | None:
+        """A move not written yet: newer than the row."""
+        return self._pending.get(session_id)
+
+    async def owner(self, session_id: str) -> str | None:
+        """The stored owner (as the database spells it) of an active row, or None."""
+        pending = self._pending.get(session_id)
+        if pending is not None:
+            return pending
+        if not self.up:
+            raise StoreUnavailable("the database is down")
+        async with self._connection(wait=LOOKUP_TIMEOUT) as conn:
+            self.queries.lookup += 1
+            value = await conn.fetchval(
+                f"SELECT {self._url} FROM {self._table} "
+                f"WHERE {self._sid} = $1 AND {self._deleted} IS NULL",
+                session_id,
+                timeout=LOOKUP_TIMEOUT,
+            )
+        return value if isinstance(value, str) and value else None
+
+    # --- write-back ------------------------------------------------------------------------------
+
+    def record(self, session_id: str, stored_form: str) -> None:
+        """Queue "session is on this instance"; the newest value for a session wins."""
+        self._pending[session_id] = stored_form
+        self._pending.move_to_end(session_id)
+        while len(self._pending) > self.settings.writeback_queue_limit:
+            # Oldest first: reconcile rewrites whatever is lost here.
+            self._pending.popitem(last=False)
+            self.dropped_writes += 1
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def flush(self) -> int:
+        """Write every queued move in one statement; returns the rows changed."""
+        if not self._pending:
+            return 0
+        batch = dict(self._pending)
+        changed = await self.write_owners(batch, purpose="write")
+        for sid, value in batch.items():
+            if self._pending.get(sid) == value:
+                del self._pending[sid]
+        return changed
+
+    async def write_owners(self, owners: dict[str, str], purpose: str = "write") -> int:
+        if not owners:
+            return 0
+        sids, urls = list(owners), list(owners.values())
+        async with self._connection() as conn:
+            setattr(self.queries, purpose, getattr(self.queries, purpose) + 1)
+            status = await conn.execute(self._write_sql(), sids, urls)
+        return int(status.split()[-1])
+
+    def _write_sql(self) -> str:
+        c = self._columns
+        extra = ""
+        if c.migration_count:
+            extra += ", instance_migration_count = COALESCE(t.instance_migration_count, 0) + 1"
+        if c.migrated_at:
+            extra += ", last_instance_migration_at = now()"
+        if c.updated_at:
+            extra += ", updated_at = now()"
+        if c.insertable:
+            # A standalone table: the proxy is the writer of record and may create rows.
+            return (
+                f"INSERT INTO {self._table} AS t ({self._sid}, {self._url}) "
+                "SELECT * FROM unnest($1::text[], $2::text[]) "
+                f"ON CONFLICT ({self._sid}) DO UPDATE SET {self._url} = EXCLUDED.{self._url}"
+                f"{extra} WHERE t.{self._url} IS DISTINCT FROM EXCLUDED.{self._url}"
+            )
+        return (
+            f"UPDATE {self._table} AS t SET {self._url} = v.url{extra} "
+            "FROM unnest($1::text[], $2::text[]) AS v(sid, url) "
+            f"WHERE t.{self._sid} = v.sid AND t.{self._url} IS DISTINCT FROM v.url"
+        )
+
+    async def _flush_forever(self) -> None:
+        backoff = 0.2
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            await asyncio.sleep(0.05)  # let a burst of moves collect into one statement
+            try:
+                if not self.up:
+                    await self.check()
+                await self.flush()
+                backoff = 0.2
+            except StoreUnavailable:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # --- reconcile support -----------------------------------------------------------------------
+
+    async def active_rows(self) -> list[tuple[str, str | None]]:
+        """One read of every active row: (session id, stored owner)."""
+        async with self._connection() as conn:
+            self.queries.reconcile += 1
+            rows = await conn.fetch(
+                f"SELECT {self._sid}, {self._url} FROM {self._table} "
+                f"WHERE {self._status} = $1 AND {self._deleted} IS NULL "
+                f"AND {self._sid} IS NOT NULL",
+                self.settings.active_status,
+            )
+        return [(r[0], r[1]) for r in rows]
+
+    async def stored_forms(self) -> list[str]:
+        """Every distinct way the table spells an owner, so write-backs can use the same."""
+        async with self._connection() as conn:
+            self.queries.background += 1
+            rows = await conn.fetch(
+                f"SELECT DISTINCT {self._url} FROM {self._table} "
+                f"WHERE {self._deleted} IS NULL AND {self._url} IS NOT NULL LIMIT 10000"
+            )
+        return [r[0] for r in rows]
+
+    @contextlib.asynccontextmanager
+    async def leader(self) -> AsyncIterator[bool]:
+        """Hold the reconcile lock for the block; yields False when another replica holds it."""
+        async with self._connection() as conn:
+            self.queries.reconcile += 1
+            got = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_key)
+            try:
+                yield bool(got)
+            finally:
+                if got:
+                    with contextlib.suppress(Exception):
+                        self.queries.reconcile += 1
+                        await conn.fetchval(
+                            "SELECT pg_advisory_unlock(hashtext($1))", self._lock_key
+                        )
+
+    @property
+    def _lock_key(self) -> str:
+        return f"{LOCK_NAME}:{self.settings.table_name}"
+
+    # --- LISTEN/NOTIFY ---------------------------------------------------------------------------
+
+    async def _listen_forever(self) -> None:
+        backoff = 0.2
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.settings.database_url, timeout=5.0)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                self.listening = True
+                # Whatever changed while nobody listened is unknown: start from the database.
+                if self.invalidate is not None:
+                    await self.invalidate(None)
+                if not self.up:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.check()
+                log.info("listening for ownership changes", extra={"channel": CHANNEL})
+                backoff = 0.2
+                while not lost.is_set():
+                    # A dead server is only noticed on traffic: ask it something now and then.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 2.0)
+                    if not lost.is_set():
+                        self.queries.background += 1
+                        await conn.fetchval("SELECT 1", timeout=2.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._mark(False, exc)
+            finally:
+                if self.listening:
+                    log.warning("stopped listening for ownership changes; will reconnect")
+                self.listening = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if self.invalidate is not None and payload:
+            task: asyncio.Task[None] = asyncio.ensure_future(self.invalidate(payload))
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+
+    # --- migrations ------------------------------------------------------------------------------
+
+    async def migrate(self, create_table: bool) -> list[str]:
+        """Install the NOTIFY trigger (and, for standalone use, a minimal table)."""
+        done: list[str] = []
+        sql = migration_sql(self.settings, create_table)
+        conn = await asyncpg.connect(self.settings.database_url, timeout=10.0)
+        try:
+            async with conn.transaction():
+                for label, statement in sql:
+                    await conn.execute(statement)
+                    done.append(label)
+        finally:
+            await conn.close()
+        return done
+
+
+def migration_sql(settings: Settings, create_table: bool) -> list[tuple[str, str]]:
+    table = quote_ident(settings.table_name)
+    sid = quote_ident(settings.column_session_id)
+    url = quote_ident(settings.column_instance_url)
+    status = quote_ident(settings.column_status)
+    deleted = quote_ident(settings.column_deleted_at)
+    function = quote_ident("session_proxy_notify_" + settings.table_name.replace(".", "_"))
+    trigger = quote_ident("session_proxy_notify")
+    statements: list[tuple[str, str]] = []
+    if create_table:
+        statements.append(
+            (
+                f"table {settings.table_name}",
+                f"""CREATE TABLE IF NOT EXISTS {table} (
+                    id bigserial PRIMARY KEY,
+                    {sid} varchar(255) UNIQUE,
+                    {url} varchar(255),
+                    {status} varchar(32) NOT NULL DEFAULT '{settings.active_status}',
+                    instance_migration_count integer NOT NULL DEFAULT 0,
+                    last_instance_migration_at timestamptz,
+                    {deleted} timestamptz,
+                    updated_at timestamptz NOT NULL DEFAULT now()
+                )""",
+            )
+        )
+    statements.append(
+        (
+            "notify function",
+            f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+                LANGUAGE plpgsql AS $body$
+                BEGIN
+                  IF TG_OP = 'DELETE' THEN
+                    IF OLD.{sid} IS NOT NULL THEN PERFORM pg_notify('{CHANNEL}', OLD.{sid}); END IF;
+                    RETURN OLD;
+                  END IF;
+                  IF NEW.{sid} IS NOT NULL AND (TG_OP = 'INSERT'
+                      OR NEW.{url} IS DISTINCT FROM OLD.{url}
+                      OR NEW.{status} IS DISTINCT FROM OLD.{status}
+                      OR NEW.{deleted} IS DISTINCT FROM OLD.{deleted}
+                      OR NEW.{sid} IS DISTINCT FROM OLD.{sid}) THEN
+                    PERFORM pg_notify('{CHANNEL}', NEW.{sid});
+                    IF TG_OP = 'UPDATE' AND OLD.{sid} IS DISTINCT FROM NEW.{sid}
+                       AND OLD.{sid} IS NOT NULL THEN
+                      PERFORM pg_notify('{CHANNEL}', OLD.{sid});
+                    END IF;
+                  END IF;
+                  RETURN NEW;
+                END
+                $body$""",
+        )
+    )
+    statements.append(("drop old trigger", f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
+    statements.append(
+        (
+            "notify trigger",
+            f"CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION {function}()",
+        )
+    )
+    return statements
