@@ -20,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import metrics
+from .admin import admin_routes
 from .client import Timeouts, UpstreamClient, read_raw
 from .config import Settings
 from .discovery import LIST_PATH, Discovery
@@ -67,11 +69,17 @@ class ProxyApp:
         self.health = HealthChecker(settings, self.instances, self.client)
         self.started_at = time.time()
         self.shutting_down = False
+        self.in_flight = 0
+        self._log_requests = access_log.isEnabledFor(logging.INFO)
         self._tasks: list[asyncio.Task[None]] = []
         self._own = Starlette(
             routes=[
                 Route("/healthz", self._healthz),
                 Route("/readyz", self._readyz),
+                Route("/metrics", self._metrics),
+                *admin_routes(
+                    settings.admin_token, self.table, self.instances, self.reconciler, self.router
+                ),
             ],
             lifespan=self._lifespan,
         )
@@ -150,6 +158,16 @@ class ProxyApp:
             detail["reconcile"] = self.reconciler.status()
         return ready, detail
 
+    async def _metrics(self, _request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: stop being ready at once, so load balancers stop sending new requests."""
+        if not self.shutting_down:
+            self.shutting_down = True
+            log.info("shutting down: not ready", extra={"in_flight": self.in_flight})
+
     async def _readyz(self, _request: Request) -> Response:
         ready, detail = self.readiness()
         return JSONResponse(detail, status_code=200 if ready else 503)
@@ -167,6 +185,8 @@ class ProxyApp:
         status = 500
         code = ""
         attempts = 0
+        outcome = "proxied"
+        self.in_flight += 1
         try:
             target = self.sessions.classify(method, path)
             session_id = target.session_id
@@ -182,25 +202,35 @@ class ProxyApp:
             status = answer.response.status_code
             await self._relay(send, answer, request_id)
         except ProxyError as error:
-            status, code, attempts = error.status, error.code, error.attempts
+            status, code, attempts, outcome = error.status, error.code, error.attempts, "error"
+            metrics.ERRORS.labels(code).inc()
+            if answer is not None:
+                # The answer had started: the client must see it break off, not a second one.
+                raise
             await self._send_error(send, error, request_id, error.attempts)
         except ClientDisconnected:
-            status, code = 499, "client-closed"
+            status, code, outcome = 499, "client-closed", "client_closed"
         finally:
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": method,
-                    "path": scope["path"],
-                    "session_id": session_id,
-                    "status": status,
-                    "instance": answer.instance.url if answer else None,
-                    "attempts": answer.attempts if answer else attempts,
-                    "error_code": code or None,
-                    "ms": round((time.perf_counter() - started) * 1000, 3),
-                },
-            )
+            self.in_flight -= 1
+            elapsed = time.perf_counter() - started
+            metrics.REQUESTS.labels(outcome, metrics.status_class(status)).inc()
+            metrics.REQUEST_SECONDS.observe(elapsed)
+            if self._log_requests:
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": method,
+                        "path": scope["path"],
+                        "session_id": session_id,
+                        "status": status,
+                        "instance": answer.instance.url if answer else None,
+                        "attempts": answer.attempts if answer else attempts,
+                        "outcome": outcome,
+                        "error_code": code or None,
+                        "ms": round(elapsed * 1000, 3),
+                    },
+                )
 
     async def _dispatch(
         self, target: Target, session_id: str | None, request: OutgoingRequest

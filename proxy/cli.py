@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--create-table", action="store_true", help="create a minimal table (no Laravel)"
     )
 
+    routes = commands.add_parser("routes", help="print a running proxy's routing table")
+    routes.add_argument("--url", default=None, help="the proxy (default http://HOST:PORT)")
+    _add_flags(routes, {"admin_token": _SERVE_FLAGS["admin_token"], "host": "", "port": ""})
+    routes.add_argument("--json", action="store_true", help="print JSON lines")
+
     demo = commands.add_parser("demo", help="watch routing, a crash and the recovery")
     demo.add_argument("--fast", action="store_true", help="no pauses between steps")
     return parser
@@ -117,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .operations import migrate_command
 
             return asyncio.run(migrate_command(settings_from(args), args.create_table))
+        if args.command == "routes":
+            from .operations import routes_command
+
+            settings = settings_from(args)
+            url = args.url or f"http://{settings.host}:{settings.port}"
+            return routes_command(url, settings.admin_token, args.json)
         if args.command == "demo":
             from .demo import run_demo
 

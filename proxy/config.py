@@ -107,6 +107,7 @@ class Settings:
     workers: int = 1
     log_format: str = "json"
     log_level: str = "info"
+    shutdown_drain: float = 3.0
     shutdown_grace: float = 20.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -303,6 +304,7 @@ _PARSERS: dict[str, Any] = {
     "workers": lambda n, v: _int(n, v, 1),
     "log_format": lambda n, v: _choice(n, v, ("json", "text")),
     "log_level": lambda n, v: _choice(n, v, ("debug", "info", "warning", "error")),
+    "shutdown_drain": lambda n, v: _float(n, v, 0.0),
     "shutdown_grace": lambda n, v: _float(n, v, 0.0),
 }
 

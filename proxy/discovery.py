@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from . import metrics
 from .client import Timeouts, UpstreamClient
 from .config import Settings
 from .errors import ProxyError
@@ -86,6 +87,7 @@ class Discovery:
     async def _probe(self, instance: Instance, session_id: str) -> tuple[Instance, str | None]:
         """The session's status on this instance, or None when it does not hold it."""
         self.probes += 1
+        metrics.PROBES.inc()
         url = instance.url + STATUS_PATH.format(id=session_id) + self._key_query
         status, body = await self._client.get_json(url, self._timeouts)
         if status == 200 and isinstance(body, dict):
@@ -182,6 +184,7 @@ class Discovery:
         taken_at = time.monotonic()
         inventory = await self.inventory()
         self.snapshots += 1
+        metrics.SNAPSHOTS.inc()
         holders: dict[str, list[tuple[str, str]]] = {}
         for url, sessions in inventory.sessions.items():
             for entry in sessions:

@@ -14,8 +14,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from . import metrics
 from .client import Timeouts, UpstreamClient
 from .config import Settings, normalise_url
 from .errors import NoHealthyInstance, ProxyError
@@ -40,9 +42,11 @@ class Instance:
     draining: bool = False  # removed from discovery; kept until DNS says otherwise
     stored_form: str | None = None  # how the database spells this instance, once seen there
     host_header: bytes = field(init=False, default=b"")
+    upstream_seconds: Any = field(init=False, default=None)  # this instance's histogram child
 
     def __post_init__(self) -> None:
         self.host_header = urlsplit(self.url).netloc.encode("latin-1")
+        self.upstream_seconds = metrics.UPSTREAM_SECONDS.labels(self.url)
 
     @property
     def alias(self) -> str:
@@ -102,6 +106,10 @@ class InstanceSet:
         added = [u for u in wanted if u not in self._by_url]
         removed = [u for u in self._by_url if u not in wanted]
         self._by_url = {u: self._by_url.get(u) or Instance(u) for u in wanted}
+        for url in added:
+            metrics.INSTANCE_HEALTHY.labels(url).set(1)
+        for url in removed:
+            metrics.INSTANCE_HEALTHY.remove(url)
         self._reindex()
         if (added or removed) and self._on_change is not None:
             self._on_change()
@@ -188,6 +196,8 @@ class InstanceSet:
         s = self._settings
         backoff = min(s.eject_max_seconds, s.eject_base_seconds * 2**instance.ejections_in_a_row)
         instance.healthy = False
+        metrics.INSTANCE_HEALTHY.labels(instance.url).set(0)
+        metrics.EJECTIONS.labels(instance.url).inc()
         instance.ejections_in_a_row += 1
         instance.ejected_until = time.monotonic() + backoff
         log.warning(
@@ -212,6 +222,7 @@ class InstanceSet:
         instance.consecutive_failures = 0
         if not instance.healthy and now >= instance.ejected_until:
             instance.healthy = True
+            metrics.INSTANCE_HEALTHY.labels(instance.url).set(1)
             log.info("instance restored", extra={"instance": instance.url})
             if self._on_change is not None:
                 self._on_change()

@@ -6,6 +6,7 @@ import json
 import sys
 
 import asyncpg
+import httpx
 
 from .client import UpstreamClient
 from .config import ConfigError, Settings
@@ -53,4 +54,36 @@ async def migrate_command(settings: Settings, create_table: bool) -> int:
         return EXIT_UNREACHABLE
     for label in done:
         print(f"ok: {label}")
+    return EXIT_OK
+
+
+def routes_command(url: str, token: str, as_json: bool) -> int:
+    """Page through ``/_proxy/routes`` of a running proxy and print every entry."""
+    if not token:
+        raise ConfigError("SESSION_PROXY_ADMIN_TOKEN (or --admin-token) is required for routes")
+    headers = {"authorization": f"Bearer {token}"}
+    query = "?limit=1000"
+    count = 0
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, trust_env=False) as client:
+        while query:
+            try:
+                response = client.get("/_proxy/routes" + query, timeout=10)
+            except httpx.HTTPError as exc:
+                print(f"routes: cannot reach {url}: {exc}", file=sys.stderr)
+                return EXIT_UNREACHABLE
+            if response.status_code != 200:
+                print(f"routes: {url} answered {response.status_code}", file=sys.stderr)
+                return EXIT_UNREACHABLE
+            page = response.json()
+            if count == 0 and not as_json:
+                print(f"{'session':<48} instance")
+            for entry in page["routes"]:
+                count += 1
+                if as_json:
+                    print(json.dumps(entry))
+                else:
+                    print(f"{entry['session_id']:<48} {entry['instance']}")
+            query = page["next"] or ""
+    if not as_json:
+        print(f"({count} sessions)")
     return EXIT_OK

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import metrics
 from .config import Settings
 from .discovery import Discovery
 from .instances import InstanceSet
@@ -116,11 +117,16 @@ class Reconciler:
         self.last_report = report
         if report.skipped:
             self.skips += 1
+            metrics.RECONCILE_RUNS.labels("skipped").inc()
             log.warning("reconcile skipped", extra={"reason": report.skipped})
         else:
             self.runs += 1
             self.last_success = time.time()
             self.last_completed = report
+            metrics.RECONCILE_RUNS.labels("done").inc()
+            metrics.RECONCILE_LAST_SUCCESS.set(self.last_success)
+            for name, count in report.counts().items():
+                metrics.RECONCILE_SESSIONS.labels(name).set(count)
             log.info(
                 "reconcile finished",
                 extra={

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from . import metrics
 from .client import Timeouts, UpstreamClient
 from .config import Settings
 from .discovery import Discovery
@@ -148,6 +149,18 @@ class Router:
         after the failure. Only an owner that said "Session not found" is left out: one that
         reset a connection may still hold the session, and its own status answer decides."""
         self.rediscoveries += 1
+        try:
+            instance = await self._rediscover(session_id, failed, error)
+        except SessionNotFound:
+            metrics.REDISCOVERIES.labels("not_found").inc()
+            raise
+        except ProxyError:
+            metrics.REDISCOVERIES.labels("error").inc()
+            raise
+        metrics.REDISCOVERIES.labels("found").inc()
+        return instance
+
+    async def _rediscover(self, session_id: str, failed: Instance, error: ProxyError) -> Instance:
         failed_at = time.monotonic()
         exclude = failed if isinstance(error, SessionNotFound) else None
         await self.table.forget(session_id)
@@ -262,6 +275,7 @@ class Router:
         self, instance: Instance, request: OutgoingRequest, attempts: int, session_aware: bool
     ) -> Attempted | None:
         """One try; None means the instance said it does not hold the session."""
+        started = time.perf_counter()
         try:
             response = await self.client.send(
                 request.method,
@@ -270,6 +284,7 @@ class Router:
                 request.body,
                 request.timeouts,
             )
+            instance.upstream_seconds.observe(time.perf_counter() - started)
         except UpstreamUnreachable as error:
             self.instances.eject(instance, error.detail)
             raise
@@ -298,6 +313,7 @@ class Router:
                 f"gave up after {attempts} attempts; the last failed with {error.code}: "
                 f"{error.detail}"
             )
+        metrics.REPLAYS.labels(error.code).inc()
 
     def pick_any(self, tried: set[str]) -> Instance:
         for _ in range(len(self.instances)):

@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from . import metrics
 from .config import Settings
 
 log = logging.getLogger("session_proxy.store")
@@ -122,11 +123,16 @@ class Store:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 5.0)
 
+    def _count(self, purpose: str) -> None:
+        setattr(self.queries, purpose, getattr(self.queries, purpose) + 1)
+        metrics.DB_QUERIES.labels(purpose).inc()
+
     def _mark(self, up: bool, error: BaseException | None = None) -> None:
         if error is not None:
             self.last_error = f"{type(error).__name__}: {error}"
         if up != self.up:
             self.up = up
+            metrics.DB_UP.set(1 if up else 0)
             if up:
                 log.info("database reachable")
             else:
@@ -153,7 +159,7 @@ class Store:
     async def check(self) -> None:
         """Reach the database and learn the table's shape; marks the store up or down."""
         async with self._connection(wait=5.0) as conn:
-            self.queries.background += 1
+            self._count("background")
             await self._learn_columns(conn)
         self._mark(True)
 
@@ -202,7 +208,7 @@ class Store:
         if not self.up:
             raise StoreUnavailable("the database is down")
         async with self._connection(wait=LOOKUP_TIMEOUT) as conn:
-            self.queries.lookup += 1
+            self._count("lookup")
             value = await conn.fetchval(
                 f"SELECT {self._url} FROM {self._table} "
                 f"WHERE {self._sid} = $1 AND {self._deleted} IS NULL",
@@ -221,6 +227,7 @@ class Store:
             # Oldest first: reconcile rewrites whatever is lost here.
             self._pending.popitem(last=False)
             self.dropped_writes += 1
+        metrics.WRITEBACK_PENDING.set(len(self._pending))
         self._wake.set()
 
     @property
@@ -236,6 +243,7 @@ class Store:
         for sid, value in batch.items():
             if self._pending.get(sid) == value:
                 del self._pending[sid]
+        metrics.WRITEBACK_PENDING.set(len(self._pending))
         return changed
 
     async def write_owners(self, owners: dict[str, str], purpose: str = "write") -> int:
@@ -243,7 +251,7 @@ class Store:
             return 0
         sids, urls = list(owners), list(owners.values())
         async with self._connection() as conn:
-            setattr(self.queries, purpose, getattr(self.queries, purpose) + 1)
+            self._count(purpose)
             status = await conn.execute(self._write_sql(), sids, urls)
         return int(status.split()[-1])
 
@@ -291,7 +299,7 @@ class Store:
     async def active_rows(self) -> list[tuple[str, str | None]]:
         """One read of every active row: (session id, stored owner)."""
         async with self._connection() as conn:
-            self.queries.reconcile += 1
+            self._count("reconcile")
             rows = await conn.fetch(
                 f"SELECT {self._sid}, {self._url} FROM {self._table} "
                 f"WHERE {self._status} = $1 AND {self._deleted} IS NULL "
@@ -303,7 +311,7 @@ class Store:
     async def stored_forms(self) -> list[str]:
         """Every distinct way the table spells an owner, so write-backs can use the same."""
         async with self._connection() as conn:
-            self.queries.background += 1
+            self._count("background")
             rows = await conn.fetch(
                 f"SELECT DISTINCT {self._url} FROM {self._table} "
                 f"WHERE {self._deleted} IS NULL AND {self._url} IS NOT NULL LIMIT 10000"
@@ -314,14 +322,14 @@ class Store:
     async def leader(self) -> AsyncIterator[bool]:
         """Hold the reconcile lock for the block; yields False when another replica holds it."""
         async with self._connection() as conn:
-            self.queries.reconcile += 1
+            self._count("reconcile")
             got = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_key)
             try:
                 yield bool(got)
             finally:
                 if got:
                     with contextlib.suppress(Exception):
-                        self.queries.reconcile += 1
+                        self._count("reconcile")
                         await conn.fetchval(
                             "SELECT pg_advisory_unlock(hashtext($1))", self._lock_key
                         )
@@ -355,7 +363,7 @@ class Store:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 2.0)
                     if not lost.is_set():
-                        self.queries.background += 1
+                        self._count("background")
                         await conn.fetchval("SELECT 1", timeout=2.0)
             except asyncio.CancelledError:
                 raise

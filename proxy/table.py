@@ -14,8 +14,13 @@ from typing import Any, Final
 
 from aiocache import SimpleMemoryCache
 
+from . import metrics
+
 # Stored for a session known to be on no instance; any real value is an instance URL.
 NEGATIVE: Final = "-"
+_HIT = metrics.TABLE_LOOKUPS.labels("hit")
+_MISS = metrics.TABLE_LOOKUPS.labels("miss")
+_NEGATIVE = metrics.TABLE_LOOKUPS.labels("negative")
 
 
 class RoutingTable:
@@ -34,8 +39,12 @@ class RoutingTable:
         value = await self.cache.get(session_id)
         if value is None:
             self.misses += 1
+            _MISS.inc()
+        elif value == NEGATIVE:
+            _NEGATIVE.inc()
         else:
             self.hits += 1
+            _HIT.inc()
         return value  # type: ignore[no-any-return]
 
     async def put(self, session_id: str, url: str) -> None:

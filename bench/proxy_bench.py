@@ -1,0 +1,871 @@
+"""What session-proxy costs per request, next to nginx doing the same job, on this machine.
+
+    .venv/bin/python bench/proxy_bench.py [--duration S] [--rounds N] [--quick] [--workers N]
+                                          [--json PATH] [--with-reconcile]
+
+One run starts, all on 127.0.0.1 and all torn down at exit:
+
+- the upstream: one nginx process (1 worker) answering like instances with fixed JSON on 22 ports:
+  ports A and B hold the 100 load sessions by id parity (the other port answers the instances'
+  own 404 "Session not found"), ports R0..R19 serve the memory fill and the rediscovery timing;
+- the bar: nginx as a reverse proxy (1 worker, upstream keepalive 64), routing path-addressed
+  requests by session parity with a ``map`` and body-addressed ones round robin;
+- session-proxy (``python -m proxy serve``), its routing table warmed for every load session.
+
+wrk (``-t 2``, ``-c 8`` and ``-c 64``) then drives direct / nginx / proxy in alternating rounds
+with GETs (``/api/sessions/<id>/status``) and ~1 KB POSTs (``/api/messages/send``), and the
+CPU each target spent (utime+stime of its whole process tree, from /proc) is divided by the
+requests wrk counted. Medians of the rounds are printed, then the routing table's memory for
+100,000 sessions and the time of one rediscovery across 20 instances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+LOAD_SESSIONS = [f"s-{k:04d}" for k in range(100)]  # even last digit on port A, odd on port B
+REDISCOVERY_INSTANCES = 20
+REDISCOVERY_IDS = 20
+FILL_SESSIONS = 100_000
+MESSAGE = ("Hello from the benchmark, this is a message of about one kilobyte. " * 15)[:980]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TARGETS = ("direct", "nginx", "proxy")
+SHAPES = ("GET", "POST")
+
+HEALTH_BODY = '{"status":"healthy","sessions":{"total":0}}'
+STATUS_BODY = '{"success":true,"status":"connected","info":{"pushname":"bench"}}'
+NOT_FOUND_BODY = '{"success":false,"error":"Session not found"}'
+SENT_BODY = '{"success":true,"message_id":"bench-1","status":"sent"}'
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a process in its own group (so its workers go with it), remembered for teardown."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    _STARTED.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the process group we started, SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(grace)
+    # Workers may outlive a master that was killed: take the rest of the group too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc in _STARTED:
+        _STARTED.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in reversed(list(_STARTED)):
+        stop(proc)
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel hands out as free, all held at once so that none repeats."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_listening(ports: Sequence[int], proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    for port in ports:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited: {log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.5):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+
+# --- /proc accounting ----------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2 (comm) may hold spaces; everything after its closing parenthesis splits cleanly.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_seconds(root: int) -> float:
+    """utime+stime of a process and every live descendant (uvicorn workers, nginx workers)."""
+    ticks = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / CLK_TCK
+
+
+def rss_mib(root: int) -> float:
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+# --- tools ---------------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    """nginx and wrk from Debian, installed when missing."""
+    missing = [pkg for tool, pkg in (("nginx", "nginx-light"), ("wrk", "wrk")) if not find(tool)]
+    if not missing:
+        return
+    print(f"installing {' '.join(missing)} with apt-get ...", file=sys.stderr, flush=True)
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", *lock, "install", "-y", "-q", *missing]
+    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", *lock, "update", "-q"], env=env, capture_output=True, timeout=600)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise SystemExit(
+                f"could not install {' '.join(missing)} (apt-get exit {done.returncode}):\n"
+                f"{done.stderr[-2000:]}\nInstall them by hand: apt-get install -y nginx-light wrk"
+            )
+    for tool in ("nginx", "wrk"):
+        if not find(tool):
+            raise SystemExit(f"{tool} is still not on PATH after apt-get install")
+
+
+def find(tool: str) -> str | None:
+    return shutil.which(tool) or next(
+        (p for d in ("/usr/sbin", "/usr/bin") if os.access(p := f"{d}/{tool}", os.X_OK)), None
+    )
+
+
+def versions() -> dict[str, str]:
+    nginx = subprocess.run([find("nginx") or "nginx", "-v"], capture_output=True, text=True)
+    wrk = subprocess.run([find("wrk") or "wrk", "-v"], capture_output=True, text=True)
+    found: dict[str, str] = {
+        "nginx": (nginx.stderr or nginx.stdout).strip().removeprefix("nginx version: "),
+        "wrk": (wrk.stdout + wrk.stderr).splitlines()[0].split(" Copyright")[0],
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+    for dist in ("uvicorn", "starlette", "httpx", "httpcore", "uvloop", "httptools", "aiocache"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[dist] = metadata.version(dist)
+    return found
+
+
+# --- configuration files -------------------------------------------------------------------------
+
+
+@dataclass
+class Ports:
+    a: int
+    b: int
+    fleet: list[int]  # R0..R19
+    nginx: int
+    proxy: int
+    fill_proxy: int
+    rediscovery_proxy: int
+
+    @classmethod
+    def pick(cls) -> Ports:
+        p = free_ports(6 + REDISCOVERY_INSTANCES)
+        return cls(p[0], p[1], p[6:], p[2], p[3], p[4], p[5])
+
+
+def _nginx_main(prefix: Path, http_body: str) -> str:
+    temp = "\n".join(
+        f"  {kind}_temp_path {prefix}/{kind}_temp;"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  default_type application/json;
+  keepalive_requests 1000000;
+  keepalive_timeout 65s;
+{temp}
+{http_body}
+}}
+"""
+
+
+def _instance_server(port: int, held: str, listed: Sequence[str] = ()) -> str:
+    """One fake instance: ``held`` is a regex of the session ids it holds, ``listed`` what its
+    session list shows (the proxy's fleet snapshot, used once status probes are rate-limited)."""
+    sessions = json.dumps(
+        {
+            "success": True,
+            "sessions": [{"session_id": sid, "status": "connected"} for sid in listed],
+            "total": len(listed),
+        },
+        separators=(",", ":"),
+    )
+    return f"""
+  server {{
+    listen {HOST}:{port};
+    location = /health {{ return 200 '{HEALTH_BODY}'; }}
+    location = /api/sessions {{ return 200 '{sessions}'; }}
+    location = /api/messages/send {{ return 200 '{SENT_BODY}'; }}
+    location ~ ^/api/sessions/[^/]+/status$ {{
+      if ($uri !~ "^/api/sessions/({held})/status$") {{ return 404 '{NOT_FOUND_BODY}'; }}
+      return 200 '{STATUS_BODY}';
+    }}
+    location / {{ return 404 '{{"success":false,"error":"Endpoint not found"}}'; }}
+  }}"""
+
+
+def _even(session_id: str) -> bool:
+    return int(session_id[-1]) % 2 == 0
+
+
+def upstream_conf(prefix: Path, ports: Ports) -> str:
+    servers = [
+        # The load sessions: an even last digit on port A, odd on port B.
+        _instance_server(ports.a, r"[^/]*[02468]", [s for s in LOAD_SESSIONS if _even(s)]),
+        _instance_server(ports.b, r"[^/]*[13579]", [s for s in LOAD_SESSIONS if not _even(s)]),
+    ]
+    for n, port in enumerate(ports.fleet):
+        # R0 holds every fill session; rediscovery session rd-K-oNN is held by R(NN) only.
+        extra = "fill-[^/]*|" if n == 0 else ""
+        servers.append(_instance_server(port, f"{extra}rd-[0-9]+-o{n:02d}"))
+    return _nginx_main(prefix, "\n".join(servers))
+
+
+def nginx_proxy_conf(prefix: Path, ports: Ports) -> str:
+    """The bar: path-addressed requests routed by session (a map), body-addressed ones round
+    robin (nginx cannot read a JSON body), keepalive to the instances, the same headers added."""
+    body = f"""
+  upstream inst_a {{ server {HOST}:{ports.a}; keepalive 64; keepalive_requests 1000000; }}
+  upstream inst_b {{ server {HOST}:{ports.b}; keepalive 64; keepalive_requests 1000000; }}
+  upstream fleet {{
+    server {HOST}:{ports.a}; server {HOST}:{ports.b}; keepalive 64; keepalive_requests 1000000;
+  }}
+  map $uri $owner {{
+    "~^/api/sessions/[^/]*[02468]/" inst_a;
+    "~^/api/sessions/[^/]*[13579]/" inst_b;
+    default fleet;
+  }}
+  server {{
+    listen {HOST}:{ports.nginx};
+    location / {{
+      proxy_pass http://$owner;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Proxy-Instance $upstream_addr always;
+      add_header X-Request-Id $request_id always;
+    }}
+  }}"""
+    return _nginx_main(prefix, body)
+
+
+def start_nginx(name: str, conf: str, work: Path, ports: Sequence[int]) -> subprocess.Popen[bytes]:
+    prefix = work / name
+    prefix.mkdir(mode=0o755)
+    (prefix / "nginx.conf").write_text(conf)
+    log = prefix / "stdout.log"
+    cmd = [find("nginx") or "nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
+    check = subprocess.run([*cmd, "-t", "-e", str(prefix / "error.log")], capture_output=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx -t failed for {name}: {check.stderr.decode()[-2000:]}")
+    proc = spawn([*cmd, "-e", str(prefix / "error.log")], log)
+    wait_listening(ports, proc, log)
+    return proc
+
+
+# --- session-proxy -------------------------------------------------------------------------------
+
+
+def start_proxy(
+    name: str, port: int, instances: Sequence[int], work: Path, workers: int, **extra: str
+) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_PROXY_")}
+    env |= {
+        "SESSION_PROXY_INSTANCES": ",".join(f"http://{HOST}:{p}" for p in instances),
+        "SESSION_PROXY_HOST": HOST,
+        "SESSION_PROXY_PORT": str(port),
+        "SESSION_PROXY_WORKERS": str(workers),
+        "SESSION_PROXY_LOG_LEVEL": "warning",
+        "SESSION_PROXY_API_KEY": "k",
+        "SESSION_PROXY_SHUTDOWN_GRACE": "2",
+    }
+    env |= {f"SESSION_PROXY_{k.upper()}": v for k, v in extra.items()}
+    log = work / f"{name}.log"
+    proc = spawn([sys.executable, "-m", "proxy", "serve"], log, env)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"session-proxy {name} exited: {log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            if http_get(port, "/readyz")[0] == 200:
+                return proc
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"session-proxy {name} not ready in 30 s: {log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def http_get(
+    port: int, path: str, conn: http.client.HTTPConnection | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        if own:
+            conn.close()
+
+
+def warm(port: int, ports: Ports) -> None:
+    """Make the proxy learn every load session's owner, and check it learned the right one."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        for sid in LOAD_SESSIONS:
+            owner = ports.a if _even(sid) else ports.b
+            for _ in range(2):  # the second request is a table hit
+                status, headers, body = http_get(port, f"/api/sessions/{sid}/status?api_key=k", conn)
+                instance = headers.get("x-proxy-instance", "")
+                if status != 200 or not instance.endswith(f":{owner}"):
+                    raise RuntimeError(f"warm-up {sid}: {status} from {instance!r}: {body[:200]!r}")
+    finally:
+        conn.close()
+
+
+# --- wrk -----------------------------------------------------------------------------------------
+
+_LUA_DONE = """
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"non2xx":%d,"connect":%d,"read":%d,'
+    .. '"write":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"mean_us":%.1f}\\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def _lua_list(items: Sequence[str]) -> str:
+    return "{" + ",".join(json.dumps(i) for i in items) + "}"
+
+
+def lua_get(ids: Sequence[str]) -> str:
+    return f"""
+local ids = {_lua_list(ids)}
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format("GET", "/api/sessions/" .. ids[(n % #ids) + 1] .. "/status?api_key=k")
+end
+{_LUA_DONE}"""
+
+
+def lua_post(ids: Sequence[str]) -> str:
+    bodies = [
+        json.dumps({"session_id": sid, "api_key": "k", "to": "628123456789", "message": MESSAGE})
+        for sid in ids
+    ]
+    return f"""
+local bodies = {_lua_list(bodies)}
+local headers = {{["Content-Type"] = "application/json"}}
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format("POST", "/api/messages/send", headers, bodies[(n % #bodies) + 1])
+end
+{_LUA_DONE}"""
+
+
+def lua_fill(per_thread: int) -> str:
+    """Distinct session ids (fill-<thread>-<n>); each thread stops after ``per_thread`` answers."""
+    return f"""
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+local n, answered = 0, 0
+function request()
+  n = n + 1
+  return wrk.format("GET", "/api/sessions/fill-" .. tid .. "-" .. n .. "/status?api_key=k")
+end
+function response(status, headers, body)
+  answered = answered + 1
+  if answered >= {per_thread} then wrk.thread:stop() end
+end
+{_LUA_DONE}"""
+
+
+def run_wrk(port: int, script: Path, connections: int, duration: float) -> dict[str, float]:
+    seconds = max(1, round(duration))
+    cmd = [find("wrk") or "wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s"]
+    cmd += ["--timeout", "5s", "--latency", "-s", str(script), f"http://{HOST}:{port}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1500:]}{done.stderr}")
+    result: dict[str, float] = json.loads(line.removeprefix("WRKJSON "))
+    return result
+
+
+# --- the load matrix -----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    target: str
+    shape: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float  # the target's CPU per request
+    upstream_cpu_us: float  # the fake instances' CPU per request (same work for every target)
+    requests: int
+    errors: int
+
+
+@dataclass
+class Cell:
+    """Medians over the rounds for one target, shape and concurrency."""
+
+    target: str
+    shape: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float
+    upstream_cpu_us: float
+    errors: int
+    added_p50_ms: float = 0.0
+    added_p99_ms: float = 0.0
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+
+def measure_once(
+    target: str,
+    shape: str,
+    connections: int,
+    port: int,
+    pid: int,
+    upstream_pid: int,
+    script: Path,
+    duration: float,
+) -> Run:
+    before, up_before = cpu_seconds(pid), cpu_seconds(upstream_pid)
+    w = run_wrk(port, script, connections, duration)
+    used, up_used = cpu_seconds(pid) - before, cpu_seconds(upstream_pid) - up_before
+    requests = int(w["requests"])
+    errors = int(w["non2xx"] + w["connect"] + w["read"] + w["write"] + w["timeout"])
+    return Run(
+        target,
+        shape,
+        connections,
+        rps=requests / (w["duration_us"] / 1e6),
+        p50_ms=w["p50_us"] / 1000,
+        p99_ms=w["p99_us"] / 1000,
+        cpu_us=used * 1e6 / max(1, requests),
+        upstream_cpu_us=up_used * 1e6 / max(1, requests),
+        requests=requests,
+        errors=errors,
+    )
+
+
+def median_cell(runs: list[Run]) -> Cell:
+    first = runs[0]
+
+    def med(get: Callable[[Run], float]) -> float:
+        return statistics.median(get(r) for r in runs)
+
+    return Cell(
+        first.target,
+        first.shape,
+        first.connections,
+        rps=med(lambda r: r.rps),
+        p50_ms=med(lambda r: r.p50_ms),
+        p99_ms=med(lambda r: r.p99_ms),
+        cpu_us=med(lambda r: r.cpu_us),
+        upstream_cpu_us=med(lambda r: r.upstream_cpu_us),
+        errors=sum(r.errors for r in runs),
+        rounds=[asdict(r) for r in runs],
+    )
+
+
+def load_matrix(
+    work: Path,
+    targets: dict[str, tuple[int, int]],
+    upstream_pid: int,
+    duration: float,
+    rounds: int,
+) -> list[Cell]:
+    """Every shape and concurrency, the targets one after another inside each round."""
+    direct_ids = [sid for sid in LOAD_SESSIONS if _even(sid)]  # all held by port A
+    scripts: dict[tuple[str, str], Path] = {}
+    for target in TARGETS:
+        ids = direct_ids if target == "direct" else LOAD_SESSIONS
+        for shape, text in (("GET", lua_get(ids)), ("POST", lua_post(ids))):
+            path = work / f"{target}-{shape}.lua"
+            path.write_text(text)
+            scripts[target, shape] = path
+    runs: dict[tuple[str, str, int], list[Run]] = {}
+    total = rounds * len(SHAPES) * 2 * len(TARGETS)
+    done = 0
+    for round_no in range(rounds):
+        for shape in SHAPES:
+            for connections in (8, 64):
+                for target in TARGETS:
+                    port, pid = targets[target]
+                    run = measure_once(
+                        target,
+                        shape,
+                        connections,
+                        port,
+                        pid,
+                        upstream_pid,
+                        scripts[target, shape],
+                        duration,
+                    )
+                    runs.setdefault((target, shape, connections), []).append(run)
+                    done += 1
+                    progress(
+                        f"[{done}/{total}] round {round_no + 1} {shape} c{connections} {target}: "
+                        f"{run.rps:,.0f} req/s, {run.cpu_us:,.0f} us CPU/req, "
+                        f"p99 {run.p99_ms:.2f} ms, errors {run.errors}"
+                    )
+    cells = {key: median_cell(value) for key, value in runs.items()}
+    for (_target, shape, connections), cell in cells.items():
+        direct = cells["direct", shape, connections]
+        cell.added_p50_ms = cell.p50_ms - direct.p50_ms
+        cell.added_p99_ms = cell.p99_ms - direct.p99_ms
+    return [cells[t, s, c] for s in SHAPES for c in (8, 64) for t in TARGETS]
+
+
+# --- memory and rediscovery ----------------------------------------------------------------------
+
+
+def table_memory(work: Path, ports: Ports, sessions: int, fill_seconds: float) -> dict[str, Any]:
+    """RSS of a proxy holding ``sessions`` learned owners minus the same process before."""
+    fleet = ports.fleet[:2]  # R0 holds every fill-* id, R1 none
+    # Every miss must be a status probe (as for a real unknown session), not a fleet snapshot.
+    proc = start_proxy("fill-proxy", ports.fill_proxy, fleet, work, 1, rediscovery_rate="1000000")
+    try:
+        warm_script = work / "fill-warm.lua"
+        warm_script.write_text(lua_get([f"fill-warm-{k}" for k in range(100)]))
+        run_wrk(ports.fill_proxy, warm_script, 64, 2)  # pools, buffers and 100 entries in place
+        time.sleep(0.5)
+        empty = rss_mib(proc.pid)
+        script = work / "fill.lua"
+        script.write_text(lua_fill(sessions // 2))
+        started = time.monotonic()
+        w = run_wrk(ports.fill_proxy, script, 64, fill_seconds)
+        took = time.monotonic() - started
+        time.sleep(0.5)
+        full = rss_mib(proc.pid)
+        learned = int(w["requests"] - w["non2xx"])
+        if learned < sessions:
+            progress(f"fill learned only {learned:,} of {sessions:,} in {fill_seconds:.0f} s")
+        return {
+            "sessions_learned": learned,
+            "fill_seconds": round(took, 1),
+            "fill_rate_per_s": round(learned / took),
+            "rss_empty_mib": round(empty, 1),
+            "rss_full_mib": round(full, 1),
+            "table_mib": round(full - empty, 1),
+            "bytes_per_session": round((full - empty) * 1024 * 1024 / max(1, learned)),
+        }
+    finally:
+        stop(proc)
+
+
+def rediscovery(work: Path, ports: Ports) -> dict[str, Any]:
+    """A first request for an unknown session (status probes to 20 instances, one holds it)
+    against the same request once the owner is known; sequential, one keep-alive client."""
+    proc = start_proxy(
+        "rediscovery-proxy", ports.rediscovery_proxy, ports.fleet, work, 1, rediscovery_rate="1000"
+    )
+    conn = http.client.HTTPConnection(HOST, ports.rediscovery_proxy, timeout=10)
+    unknown, known = [], []
+    try:
+        for k in range(5):  # connections and code paths warm, not counted
+            http_get(ports.rediscovery_proxy, f"/api/sessions/rd-9{k}-o{k:02d}/status?api_key=k", conn)
+            http_get(ports.rediscovery_proxy, f"/api/sessions/rd-9{k}-o{k:02d}/status?api_key=k", conn)
+        for k in range(REDISCOVERY_IDS):
+            owner = k % REDISCOVERY_INSTANCES
+            path = f"/api/sessions/rd-{k}-o{owner:02d}/status?api_key=k"
+            for bucket in (unknown, known):
+                started = time.perf_counter()
+                status, headers, body = http_get(ports.rediscovery_proxy, path, conn)
+                bucket.append((time.perf_counter() - started) * 1000)
+                instance = headers.get("x-proxy-instance", "")
+                if status != 200 or not instance.endswith(f":{ports.fleet[owner]}"):
+                    raise RuntimeError(f"rediscovery {path}: {status} {instance!r} {body[:200]!r}")
+        return {
+            "instances": REDISCOVERY_INSTANCES,
+            "ids": REDISCOVERY_IDS,
+            "unknown_median_ms": round(statistics.median(unknown), 2),
+            "unknown_max_ms": round(max(unknown), 2),
+            "known_median_ms": round(statistics.median(known), 2),
+            "rediscovery_added_ms": round(statistics.median(unknown) - statistics.median(known), 2),
+        }
+    finally:
+        conn.close()
+        stop(proc)
+
+
+def reconcile_output() -> str:
+    cmd = [sys.executable, "bench/reconcile.py", "--sessions", "10000", "100000"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return done.stdout + (f"\n(exit {done.returncode}) {done.stderr[-2000:]}" if done.returncode else "")
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    s = report["settings"]
+    print(f"session-proxy benchmark, {report['date']}, {s['cpus']} CPUs, loopback")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    print(
+        f"wrk -t2, {s['duration_s']} s per run, {s['rounds']} rounds (medians), "
+        f"{len(LOAD_SESSIONS)} sessions over 2 upstream ports; nginx worker_processes 1; "
+        f"session-proxy workers {s['workers']}; load average {s['loadavg_start']} at start, "
+        f"{s['loadavg_end']} at end"
+    )
+    print("upstream: nginx 1 worker, fixed JSON; GET /api/sessions/<id>/status, ")
+    print(f"          POST /api/messages/send with a {s['post_body_bytes']} byte JSON body\n")
+    head = (
+        f"{'shape':<5} {'conc':>4} {'target':<7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU us/req':>10} {'upstream us':>11} {'errors':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for c in report["cells"]:
+        added = (
+            ("", "")
+            if c["target"] == "direct"
+            else (f"{c['added_p50_ms']:.2f}", f"{c['added_p99_ms']:.2f}")
+        )
+        print(
+            f"{c['shape']:<5} {'c' + str(c['connections']):>4} {c['target']:<7} {c['rps']:>8,.0f} "
+            f"{c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} {added[0]:>8} {added[1]:>8} "
+            f"{c['cpu_us']:>10,.0f} {c['upstream_cpu_us']:>11,.0f} {c['errors']:>6}"
+        )
+    print("\nCPU per request, session-proxy / nginx")
+    print(f"{'shape':<5} {'conc':>4} {'nginx us':>9} {'proxy us':>9} {'ratio':>6} {'rps ratio':>10}")
+    for r in report["ratios"]:
+        print(
+            f"{r['shape']:<5} {'c' + str(r['connections']):>4} {r['nginx_cpu_us']:>9,.0f} "
+            f"{r['proxy_cpu_us']:>9,.0f} {r['cpu_ratio']:>6.1f} {r['rps_ratio']:>10.2f}"
+        )
+    m = report["memory"]
+    print(
+        f"\nrouting table memory: {m['sessions_learned']:,} sessions learned in "
+        f"{m['fill_seconds']} s ({m['fill_rate_per_s']:,}/s); VmRSS {m['rss_empty_mib']} MiB "
+        f"-> {m['rss_full_mib']} MiB: {m['table_mib']} MiB "
+        f"({m['bytes_per_session']} bytes per session)"
+    )
+    r = report["rediscovery"]
+    print(
+        f"rediscovery across {r['instances']} instances (one holds the session), median of "
+        f"{r['ids']} ids: first request {r['unknown_median_ms']} ms (max {r['unknown_max_ms']}), "
+        f"known {r['known_median_ms']} ms: rediscovery adds {r['rediscovery_added_ms']} ms"
+    )
+    if "reconcile" in report:
+        print("\nbench/reconcile.py --sessions 10000 100000:\n" + report["reconcile"].rstrip())
+
+
+def ratios(cells: list[Cell]) -> list[dict[str, Any]]:
+    by = {(c.target, c.shape, c.connections): c for c in cells}
+    out = []
+    for shape in SHAPES:
+        for conc in (8, 64):
+            nginx, proxy = by["nginx", shape, conc], by["proxy", shape, conc]
+            out.append(
+                {
+                    "shape": shape,
+                    "connections": conc,
+                    "nginx_cpu_us": round(nginx.cpu_us, 1),
+                    "proxy_cpu_us": round(proxy.cpu_us, 1),
+                    "cpu_ratio": round(proxy.cpu_us / max(nginx.cpu_us, 0.1), 1),
+                    "rps_ratio": round(proxy.rps / max(nginx.rps, 1.0), 2),
+                }
+            )
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    path.chmod(0o755)  # nginx workers run as nobody
+    try:
+        yield path
+    finally:
+        stop_all()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ensure_tools()
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+        "settings": {
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "workers": args.workers,
+            "cpus": os.cpu_count(),
+            "post_body_bytes": len(lua_post_body_example()),
+            "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        },
+    }
+    with workdir() as work:
+        ports = Ports.pick()
+        all_upstream = [ports.a, ports.b, *ports.fleet]
+        upstream = start_nginx("upstream", upstream_conf(work / "upstream", ports), work, all_upstream)
+        nginx = start_nginx("nginx", nginx_proxy_conf(work / "nginx", ports), work, [ports.nginx])
+        proxy = start_proxy("proxy", ports.proxy, [ports.a, ports.b], work, args.workers)
+        warm(ports.proxy, ports)
+        progress(f"started; work dir {work}; proxy pid {proxy.pid}, nginx pid {nginx.pid}")
+        targets = {
+            "direct": (ports.a, upstream.pid),
+            "nginx": (ports.nginx, nginx.pid),
+            "proxy": (ports.proxy, proxy.pid),
+        }
+        cells = load_matrix(work, targets, upstream.pid, args.duration, args.rounds)
+        report["cells"] = [asdict(c) for c in cells]
+        report["ratios"] = ratios(cells)
+        stop(proxy)
+        progress("routing table memory ...")
+        report["memory"] = table_memory(work, ports, args.fill_sessions, args.fill_seconds)
+        progress("rediscovery across 20 instances ...")
+        report["rediscovery"] = rediscovery(work, ports)
+    if args.with_reconcile:
+        progress("bench/reconcile.py ...")
+        report["reconcile"] = reconcile_output()
+    report["settings"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return report
+
+
+def lua_post_body_example() -> str:
+    return json.dumps(
+        {"session_id": LOAD_SESSIONS[0], "api_key": "k", "to": "628123456789", "message": MESSAGE}
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is reported)")
+    parser.add_argument("--workers", type=int, default=1, help="session-proxy worker processes")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 1 round")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--with-reconcile", action="store_true", help="run bench/reconcile.py")
+    parser.add_argument("--fill-sessions", type=int, default=FILL_SESSIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--fill-seconds", type=float, default=120.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds = 2.0, 1
+    signal.signal(signal.SIGTERM, _on_signal)
+    atexit.register(stop_all)
+    report = run(args)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        progress(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The admin API under ``/_proxy/``: what the proxy knows and why, behind a bearer token.
+
+With no ``ADMIN_TOKEN`` configured the routes do not exist at all (404, like any unknown path).
+The token is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .instances import InstanceSet
+from .reconcile import Reconciler
+from .replay import Router
+from .table import RoutingTable
+
+MAX_PAGE = 1000
+
+
+def admin_routes(
+    token: str,
+    table: RoutingTable,
+    instances: InstanceSet,
+    reconciler: Reconciler,
+    router: Router,
+) -> list[Route]:
+    if not token:
+        return []
+    expected = f"Bearer {token}".encode()
+
+    def authorised(request: Request) -> bool:
+        given = request.headers.get("authorization", "").encode("latin-1", "replace")
+        return hmac.compare_digest(given, expected)
+
+    def refused() -> Response:
+        return JSONResponse(
+            {"error": "a valid admin bearer token is required", "code": "unauthorized"},
+            status_code=401,
+            headers={"www-authenticate": 'Bearer realm="session-proxy"'},
+        )
+
+    async def routes(request: Request) -> Response:
+        if not authorised(request):
+            return refused()
+        try:
+            limit = min(MAX_PAGE, max(1, int(request.query_params.get("limit", "100"))))
+        except ValueError:
+            limit = 100
+        after = request.query_params.get("after", "")
+        entries = await table.items()
+        page = [(sid, url) for sid, url in entries if sid > after][:limit]
+        more = len(page) == limit and page[-1][0] != entries[-1][0]
+        return JSONResponse(
+            {
+                "routes": [{"session_id": sid, "instance": url} for sid, url in page],
+                "total": len(entries),
+                "next": f"?after={page[-1][0]}&limit={limit}" if more else None,
+            }
+        )
+
+    async def route(request: Request) -> Response:
+        if not authorised(request):
+            return refused()
+        session_id = request.path_params["session_id"]
+        if request.method == "DELETE":
+            forgotten = await table.forget(session_id)
+            return JSONResponse({"session_id": session_id, "forgotten": forgotten})
+        known = await table.get(session_id)
+        if known is None:
+            return JSONResponse(
+                {"session_id": session_id, "error": "not in the routing table"}, status_code=404
+            )
+        return JSONResponse({"session_id": session_id, "instance": known, "negative": known == "-"})
+
+    async def instance_list(request: Request) -> Response:
+        if not authorised(request):
+            return refused()
+        return JSONResponse({"instances": [i.snapshot() for i in instances.all]})
+
+    async def reconcile(request: Request) -> Response:
+        if not authorised(request):
+            return refused()
+        dry_run = request.query_params.get("dry_run", "0").lower() in ("1", "true", "yes")
+        report = await reconciler.run_once(dry_run=dry_run)
+        status = 409 if report.skipped and "another replica" in report.skipped else 200
+        if report.skipped and "database" in report.skipped:
+            status = 503
+        return JSONResponse(report.as_dict(), status_code=status)
+
+    async def stats(request: Request) -> Response:
+        if not authorised(request):
+            return refused()
+        return JSONResponse(
+            {
+                "table_hits": table.hits,
+                "table_misses": table.misses,
+                "rediscoveries": router.rediscoveries,
+                "probes": router.discovery.probes,
+                "snapshots": router.discovery.snapshots,
+            }
+        )
+
+    return [
+        Route("/_proxy/routes", routes, methods=["GET"]),
+        Route("/_proxy/routes/{session_id}", route, methods=["GET", "DELETE"]),
+        Route("/_proxy/instances", instance_list, methods=["GET"]),
+        Route("/_proxy/reconcile", reconcile, methods=["POST"]),
+        Route("/_proxy/stats", stats, methods=["GET"]),
+    ]

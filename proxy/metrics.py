@@ -1,0 +1,97 @@
+"""Prometheus metrics: what happened (counters, histograms) and what is (gauges).
+
+Everything is defined here, once, and imports nothing from the package, so any module may record
+into it. With several workers (``PROMETHEUS_MULTIPROC_DIR`` set by the server before forking),
+prometheus-client writes per-process files and ``/metrics`` merges them; gauges then say how
+they combine across processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+PREFIX = "session_proxy"
+_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+REQUESTS = Counter(
+    f"{PREFIX}_requests",
+    "Proxied requests by outcome (proxied, error, client_closed) and status class",
+    ["outcome", "status_class"],
+)
+REQUEST_SECONDS = Histogram(
+    f"{PREFIX}_request_seconds",
+    "Time from request to the start of the answer, including replays",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+UPSTREAM_SECONDS = Histogram(
+    f"{PREFIX}_upstream_seconds",
+    "Time for one attempt to an instance, until its response headers",
+    ["instance"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+ERRORS = Counter(f"{PREFIX}_errors", "Answers the proxy made itself, by X-Proxy-Error", ["code"])
+TABLE_LOOKUPS = Counter(
+    f"{PREFIX}_table_lookups", "Routing table lookups by result (hit, miss, negative)", ["result"]
+)
+REDISCOVERIES = Counter(
+    f"{PREFIX}_rediscoveries",
+    "Owners looked for again after a failure, by result (found, not_found, error)",
+    ["result"],
+)
+REPLAYS = Counter(f"{PREFIX}_replays", "Requests sent again, by what failed first", ["reason"])
+PROBES = Counter(f"{PREFIX}_discovery_probes", "Status probes sent to instances")
+SNAPSHOTS = Counter(f"{PREFIX}_discovery_snapshots", "Fleet snapshots taken instead of probes")
+EJECTIONS = Counter(f"{PREFIX}_ejections", "Instances ejected, by instance", ["instance"])
+INSTANCE_HEALTHY = Gauge(
+    f"{PREFIX}_instance_healthy",
+    "1 when the instance takes traffic, 0 when ejected",
+    ["instance"],
+    multiprocess_mode="livemax",
+)
+DB_QUERIES = Counter(f"{PREFIX}_db_queries", "Statements sent to Postgres, by purpose", ["purpose"])
+DB_UP = Gauge(f"{PREFIX}_db_up", "1 when the database answers", multiprocess_mode="livemin")
+WRITEBACK_PENDING = Gauge(
+    f"{PREFIX}_writeback_pending",
+    "Moves waiting to be written to the database",
+    multiprocess_mode="livesum",
+)
+RECONCILE_RUNS = Counter(
+    f"{PREFIX}_reconcile_runs", "Reconcile passes by result (done, skipped)", ["result"]
+)
+RECONCILE_LAST_SUCCESS = Gauge(
+    f"{PREFIX}_reconcile_last_success_timestamp_seconds",
+    "When the last reconcile pass finished",
+    multiprocess_mode="max",
+)
+RECONCILE_SESSIONS = Gauge(
+    f"{PREFIX}_reconcile_sessions",
+    "Sessions per class in the last reconcile report",
+    ["class"],
+    multiprocess_mode="mostrecent",
+)
+CACHE_FALLBACKS = Counter(
+    f"{PREFIX}_cache_fallbacks", "Shared-table (Redis) failures answered from the local table"
+)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text; merged across worker processes when there are several."""
+    if _MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
