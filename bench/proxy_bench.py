@@ -50,6 +50,7 @@ LOAD_SESSIONS = [f"s-{k:04d}" for k in range(100)]  # even last digit on port A,
 REDISCOVERY_INSTANCES = 20
 REDISCOVERY_IDS = 20
 FILL_SESSIONS = 100_000
+FILL_CONNECTIONS = 8
 MESSAGE = ("Hello from the benchmark, this is a message of about one kilobyte. " * 15)[:980]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS = ("direct", "nginx", "proxy")
@@ -460,8 +461,9 @@ end
 {_LUA_DONE}"""
 
 
-def lua_fill(per_thread: int) -> str:
-    """Distinct session ids (fill-<thread>-<n>); each thread stops after ``per_thread`` answers."""
+def lua_fill(per_thread: int, marker: Path) -> str:
+    """Distinct session ids (fill-<thread>-<n>). A thread that has had ``per_thread`` answers
+    stops and leaves a marker file: wrk itself would sleep out its whole ``-d`` regardless."""
     return f"""
 local threads = 0
 function setup(thread)
@@ -475,21 +477,58 @@ function request()
 end
 function response(status, headers, body)
   answered = answered + 1
-  if answered >= {per_thread} then wrk.thread:stop() end
+  if answered == {per_thread} then
+    io.open("{marker}." .. tid, "w"):close()
+    wrk.thread:stop()
+  end
 end
 {_LUA_DONE}"""
 
 
-def run_wrk(port: int, script: Path, connections: int, duration: float) -> dict[str, float]:
-    seconds = max(1, round(duration))
+def wrk_command(port: int, script: Path, connections: int, seconds: int) -> list[str]:
     cmd = [find("wrk") or "wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s"]
-    cmd += ["--timeout", "5s", "--latency", "-s", str(script), f"http://{HOST}:{port}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1500:]}{done.stderr}")
+    return cmd + ["--timeout", "5s", "--latency", "-s", str(script), f"http://{HOST}:{port}"]
+
+
+def wrk_result(returncode: int, stdout: str, stderr: str) -> dict[str, float]:
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({returncode}): {stdout[-1500:]}{stderr[-1500:]}")
     result: dict[str, float] = json.loads(line.removeprefix("WRKJSON "))
     return result
+
+
+def run_wrk(port: int, script: Path, connections: int, duration: float) -> dict[str, float]:
+    seconds = max(1, round(duration))
+    cmd = wrk_command(port, script, connections, seconds)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    return wrk_result(done.returncode, done.stdout, done.stderr)
+
+
+def run_wrk_until(
+    port: int, script: Path, connections: int, limit: float, markers: Sequence[Path]
+) -> dict[str, float]:
+    """wrk until every marker file exists (then SIGINT: wrk stops and reports) or ``limit`` s."""
+    seconds = max(1, round(limit))
+    proc = subprocess.Popen(
+        wrk_command(port, script, connections, seconds),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + seconds + 5
+        while proc.poll() is None and time.monotonic() < deadline:
+            if all(m.exists() for m in markers):
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return wrk_result(proc.returncode, stdout, stderr)
 
 
 # --- the load matrix -----------------------------------------------------------------------------
@@ -639,10 +678,11 @@ def table_memory(work: Path, ports: Ports, sessions: int, fill_seconds: float) -
         run_wrk(ports.fill_proxy, warm_script, 64, 2)  # pools, buffers and 100 entries in place
         time.sleep(0.5)
         empty = rss_mib(proc.pid)
-        script = work / "fill.lua"
-        script.write_text(lua_fill(sessions // 2))
+        script, marker = work / "fill.lua", work / "fill-done"
+        script.write_text(lua_fill(sessions // 2, marker))
+        markers = [Path(f"{marker}.{t}") for t in range(2)]
         started = time.monotonic()
-        w = run_wrk(ports.fill_proxy, script, 64, fill_seconds)
+        w = run_wrk_until(ports.fill_proxy, script, FILL_CONNECTIONS, fill_seconds, markers)
         took = time.monotonic() - started
         time.sleep(0.5)
         full = rss_mib(proc.pid)

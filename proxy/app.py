@@ -27,13 +27,13 @@ from .config import Settings
 from .discovery import LIST_PATH, Discovery
 from .errors import BodyTooLarge, NoHealthyInstance, ProxyError, SessionNotFound
 from .forward import buffered_body, error_body, relay, request_headers, response_headers
-from .instances import HealthChecker, Instance, InstanceSet
+from .instances import DnsWatcher, HealthChecker, Instance, InstanceSet, Resolver
 from .observe import new_request_id
 from .reconcile import Reconciler
 from .replay import Attempted, OutgoingRequest, Router, StreamedBody
 from .sessions import Kind, SessionRouter, Target
 from .store import Store, StoreUnavailable
-from .table import RoutingTable
+from .table import RoutingTable, make_cache
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,12 +53,17 @@ class ClientDisconnected(Exception):
 
 class ProxyApp:
     def __init__(
-        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: Settings,
+        transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.settings = settings
         self.client = UpstreamClient(transport)
         self.instances = InstanceSet(settings)
-        self.table = RoutingTable(ttl=settings.cache_ttl, negative_ttl=settings.negative_ttl)
+        self.table = RoutingTable(
+            make_cache(settings.cache_url), settings.cache_ttl, settings.negative_ttl
+        )
         self.discovery = Discovery(settings, self.instances, self.client)
         self.store = Store(settings, self._invalidate) if settings.database_url else None
         self.router = Router(
@@ -67,6 +72,11 @@ class ProxyApp:
         self.reconciler = Reconciler(settings, self.instances, self.discovery, self.store)
         self.sessions = SessionRouter(settings)
         self.health = HealthChecker(settings, self.instances, self.client)
+        self.dns = (
+            DnsWatcher(settings, self.instances, self.health, resolver)
+            if settings.instances_dns
+            else None
+        )
         self.started_at = time.time()
         self.shutting_down = False
         self.in_flight = 0
@@ -103,6 +113,9 @@ class ProxyApp:
             await self.stop()
 
     async def start(self) -> None:
+        if self.dns is not None:
+            await self.dns.refresh()
+            self._tasks.append(asyncio.create_task(self.dns.run(), name="dns"))
         await self.health.check_all()
         self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
         if self.store is not None:
@@ -146,6 +159,8 @@ class ProxyApp:
             "shutting_down": self.shutting_down,
             "instance_states": [i.snapshot() for i in self.instances.all],
         }
+        if self.table.shared is not None:
+            detail["shared_table"] = {"up": self.table.shared_up}
         if self.store is not None:
             # Routing goes on without the database: it is reported, not required.
             detail["database"] = {
@@ -454,5 +469,9 @@ def body_text(body: bytes | None) -> str:
     return (body or b"").decode("utf-8", "replace")[:200]
 
 
-def create_app(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> ProxyApp:
-    return ProxyApp(settings, transport=transport)
+def create_app(
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport | None = None,
+    resolver: Resolver | None = None,
+) -> ProxyApp:
+    return ProxyApp(settings, transport=transport, resolver=resolver)

@@ -33,6 +33,7 @@ class Settings:
     instances: tuple[str, ...] = ()
     instances_dns: str = ""
     instances_dns_interval: float = 10.0
+    drain_timeout: float = 300.0
     instance_aliases: tuple[tuple[str, str], ...] = ()
     api_key: str = ""
     # Storage
@@ -263,6 +264,7 @@ _PARSERS: dict[str, Any] = {
     "instances": lambda n, v: tuple(normalise_url(n, u) for u in _split(v)),
     "instances_dns": lambda n, v: _dns(n, v),
     "instances_dns_interval": lambda n, v: _float(n, v, 0.1),
+    "drain_timeout": lambda n, v: _float(n, v, 0.0),
     "instance_aliases": _aliases,
     "api_key": lambda n, v: v,
     "database_url": _database_url,

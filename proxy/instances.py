@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +40,9 @@ class Instance:
     ejected_until: float = 0.0
     last_error: str | None = None
     last_check_at: float = 0.0
-    draining: bool = False  # removed from discovery; kept until DNS says otherwise
+    draining: bool = False  # gone from DNS: no new sessions, known ones still served
+    draining_since: float = 0.0
+    dynamic: bool = False  # came from DNS (static members are never drained)
     stored_form: str | None = None  # how the database spells this instance, once seen there
     host_header: bytes = field(init=False, default=b"")
     upstream_seconds: Any = field(init=False, default=None)  # this instance's histogram child
@@ -114,6 +117,40 @@ class InstanceSet:
         if (added or removed) and self._on_change is not None:
             self._on_change()
         return added, removed
+
+    def sync_dynamic(self, urls: Iterable[str]) -> tuple[list[Instance], list[Instance]]:
+        """DNS answered ``urls``: add the new ones (unhealthy until their first check passes),
+        drain the ones that vanished, take back drained ones that reappear."""
+        wanted = list(dict.fromkeys(urls))
+        added: list[Instance] = []
+        drained: list[Instance] = []
+        for url in wanted:
+            instance = self._by_url.get(url)
+            if instance is None:
+                instance = Instance(url, healthy=False, dynamic=True)
+                self._by_url[url] = instance
+                metrics.INSTANCE_HEALTHY.labels(url).set(0)
+                added.append(instance)
+            elif instance.draining:
+                instance.draining = False
+                added.append(instance)
+        for instance in self._by_url.values():
+            if instance.dynamic and not instance.draining and instance.url not in wanted:
+                instance.draining = True
+                instance.draining_since = time.monotonic()
+                drained.append(instance)
+        if added or drained:
+            self._reindex()
+            if self._on_change is not None:
+                self._on_change()
+        return added, drained
+
+    def remove(self, instance: Instance) -> None:
+        """A drained instance is gone for good: requests for its sessions look again."""
+        if self._by_url.pop(instance.url, None) is not None:
+            metrics.INSTANCE_HEALTHY.remove(instance.url)
+            self._reindex()
+            log.info("drained instance removed", extra={"instance": instance.url})
 
     def _reindex(self) -> None:
         by_alias: dict[str, Instance] = {}
@@ -243,7 +280,15 @@ class HealthChecker:
         try:
             status, body = await self._client.get_json(instance.url + "/health", self._timeouts)
         except ProxyError as exc:
+            if instance.draining:
+                self._instances.remove(instance)  # drained and now gone
+                return
             self._instances.apply_check(instance, False, None, exc.detail)
+            return
+        if instance.draining and (
+            time.monotonic() - instance.draining_since > self._settings.drain_timeout
+        ):
+            self._instances.remove(instance)
             return
         sessions = None
         if isinstance(body, dict) and isinstance(body.get("sessions"), dict):
@@ -259,3 +304,59 @@ class HealthChecker:
         while True:
             await self.check_all()
             await asyncio.sleep(self._settings.health_interval)
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_system(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for ``host`` (a headless Service: all pods)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class DnsWatcher:
+    """Keeps the DNS-discovered part of the instance set equal to what ``INSTANCES_DNS``
+    resolves to, re-resolving every ``INSTANCES_DNS_INTERVAL`` seconds."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        instances: InstanceSet,
+        health: HealthChecker,
+        resolver: Resolver | None = None,
+    ) -> None:
+        host, _, port = settings.instances_dns.rpartition(":")
+        self._host = host.strip("[]")
+        self._port = int(port)
+        self._interval = settings.instances_dns_interval
+        self._instances = instances
+        self._health = health
+        self._resolver = resolver or resolve_system
+
+    async def refresh(self) -> tuple[list[Instance], list[Instance]]:
+        try:
+            addresses = await self._resolver(self._host, self._port)
+        except OSError as exc:
+            # A resolver hiccup must not empty the fleet: keep what we have.
+            log.warning(
+                "instance DNS lookup failed; keeping the current set",
+                extra={"dns_name": self._host, "error": str(exc)},
+            )
+            return [], []
+        urls = [
+            f"http://[{a}]:{self._port}" if ":" in a else f"http://{a}:{self._port}"
+            for a in addresses
+        ]
+        added, drained = self._instances.sync_dynamic(urls)
+        for instance in added:
+            log.info("instance discovered", extra={"instance": instance.url, "dns_name": self._host})
+        for instance in drained:
+            log.info("instance draining", extra={"instance": instance.url, "dns_name": self._host})
+        await asyncio.gather(*(self._health.check(i) for i in added))
+        return added, drained
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.refresh()

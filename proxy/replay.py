@@ -229,7 +229,7 @@ class Router:
         attempts = 0
         try:
             while True:
-                if not owner.available:
+                if not owner.healthy:  # ejected; a draining owner still serves its sessions
                     owner = await self.rediscover(
                         session_id, owner, UpstreamUnreachable(f"{owner.url} is ejected")
                     )

@@ -1,5 +1,10 @@
 """The routing table: session id -> owning instance URL, on aiocache.
 
+In memory by default; on Redis (``CACHE_URL=redis://...``) when replicas should share one table.
+A Redis that fails or is slow never fails a request: the operation falls back to the in-process
+table (with a log line and a metric), and Redis is left alone for a moment before it is tried
+again, so an outage costs one timeout, not one per request.
+
 Two things make it safe under load. Concurrent misses for one session share one lookup (single
 flight), so a burst for a session nobody knows yet costs the fleet one round of probes. Unknown
 sessions are remembered for a short time (negative entries), so a flood of random ids costs
@@ -9,12 +14,18 @@ nothing after the first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from aiocache import SimpleMemoryCache
 
 from . import metrics
+
+log = logging.getLogger("session_proxy.table")
 
 # Stored for a session known to be on no instance; any real value is an instance URL.
 NEGATIVE: Final = "-"
@@ -23,20 +34,78 @@ _MISS = metrics.TABLE_LOOKUPS.labels("miss")
 _NEGATIVE = metrics.TABLE_LOOKUPS.labels("negative")
 
 
+SHARED_TIMEOUT = 0.25  # seconds a shared-table call may take before the local one answers
+SHARED_RETRY_AFTER = 2.0  # seconds the shared table is left alone after a failure
+
+
+def make_cache(url: str) -> Any:
+    """The aiocache backend for ``CACHE_URL`` (``memory://`` or ``redis://host:port/db``)."""
+    parts = urlsplit(url)
+    if parts.scheme == "memory":
+        return None
+    from aiocache import RedisCache
+    from aiocache.serializers import StringSerializer
+
+    db = int(parts.path.strip("/") or 0)
+    return RedisCache(
+        serializer=StringSerializer(),
+        endpoint=parts.hostname or "127.0.0.1",
+        port=parts.port or 6379,
+        db=db,
+        password=parts.password,
+        namespace="session-proxy",
+        timeout=SHARED_TIMEOUT,
+        ssl=parts.scheme == "rediss",
+    )
+
+
 class RoutingTable:
-    def __init__(self, cache: Any | None = None, ttl: float = 3600.0, negative_ttl: float = 5.0):
+    def __init__(
+        self, cache: Any | None = None, ttl: float = 3600.0, negative_ttl: float = 5.0
+    ) -> None:
         # timeout=None: aiocache otherwise wraps every call in asyncio.wait_for, which costs more
         # than the lookup itself for the in-memory backend.
-        self.cache = cache if cache is not None else SimpleMemoryCache(timeout=None)
+        self.local = SimpleMemoryCache(timeout=None)
+        self.shared: Any = cache
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self._inflight: dict[str, asyncio.Future[str | None]] = {}
+        self._shared_down_until = 0.0
         self.hits = 0
         self.misses = 0
 
+    @property
+    def cache(self) -> Any:
+        """Where operations go now: the shared table, or the local one while it is failing."""
+        if self.shared is not None and time.monotonic() >= self._shared_down_until:
+            return self.shared
+        return self.local
+
+    async def _call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        cache = self.cache
+        if cache is self.local:
+            return await getattr(cache, operation)(*args, **kwargs)
+        try:
+            return await getattr(cache, operation)(*args, **kwargs)
+        except Exception as exc:  # any failure of the shared table: answer locally
+            if time.monotonic() >= self._shared_down_until:
+                log.warning(
+                    "shared routing table failed; using the local table",
+                    extra={"error": f"{type(exc).__name__}: {exc}", "retry_in": SHARED_RETRY_AFTER},
+                )
+            self._shared_down_until = time.monotonic() + SHARED_RETRY_AFTER
+            metrics.CACHE_FALLBACKS.inc()
+            return await getattr(self.local, operation)(*args, **kwargs)
+
+    @property
+    def shared_up(self) -> bool | None:
+        if self.shared is None:
+            return None
+        return time.monotonic() >= self._shared_down_until
+
     async def get(self, session_id: str) -> str | None:
         """The owner's URL, ``NEGATIVE`` for a remembered unknown, or None when not in the table."""
-        value = await self.cache.get(session_id)
+        value = await self._call("get", session_id)
         if value is None:
             self.misses += 1
             _MISS.inc()
@@ -48,22 +117,48 @@ class RoutingTable:
         return value  # type: ignore[no-any-return]
 
     async def put(self, session_id: str, url: str) -> None:
-        await self.cache.set(session_id, url, ttl=self.ttl)
+        await self._call("set", session_id, url, ttl=self.ttl)
 
     async def put_negative(self, session_id: str) -> None:
         if self.negative_ttl > 0:
-            await self.cache.set(session_id, NEGATIVE, ttl=self.negative_ttl)
+            await self._call("set", session_id, NEGATIVE, ttl=self.negative_ttl)
 
     async def forget(self, session_id: str) -> bool:
-        return bool(await self.cache.delete(session_id))
+        forgotten = bool(await self._call("delete", session_id))
+        if self.shared is not None:
+            # Whatever the local table learned while the shared one was down is stale too.
+            forgotten = bool(await self.local.delete(session_id)) or forgotten
+        return forgotten
 
     async def clear(self) -> None:
-        await self.cache.clear()
+        await self._call("clear")
+        if self.shared is not None:
+            await self.local.clear()
 
     async def items(self) -> list[tuple[str, str]]:
-        """Every positive entry, for the admin API and the CLI (in-memory backend)."""
-        store: dict[str, Any] = getattr(self.cache, "_cache", {})
-        return sorted((k, v) for k, v in store.items() if isinstance(v, str) and v != NEGATIVE)
+        """Every positive entry, for the admin API and the CLI."""
+        cache = self.cache
+        if cache is self.local:
+            store: dict[str, Any] = getattr(cache, "_cache", {})
+            pairs = list(store.items())
+        else:
+            pairs = await self._shared_items()
+        return sorted((k, v) for k, v in pairs if isinstance(v, str) and v != NEGATIVE)
+
+    async def _shared_items(self) -> list[tuple[str, Any]]:
+        client = self.shared.client
+        prefix = f"{self.shared.namespace}:" if self.shared.namespace else ""
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if not keys:
+            return []
+        values = await client.mget(*keys)
+        return [
+            (
+                k.decode()[len(prefix) :] if isinstance(k, bytes) else str(k)[len(prefix) :],
+                v.decode() if isinstance(v, bytes) else v,
+            )
+            for k, v in zip(keys, values, strict=True)
+        ]
 
     async def single_flight(
         self, session_id: str, lookup: Callable[[], Awaitable[str | None]]
@@ -98,4 +193,7 @@ class RoutingTable:
                 del self._inflight[session_id]
 
     async def close(self) -> None:
-        await self.cache.close()
+        await self.local.close()
+        if self.shared is not None:
+            with contextlib.suppress(Exception):
+                await self.shared.close()

@@ -5,8 +5,11 @@ here="$(dirname "${BASH_SOURCE[0]}")"
 source "$here/deps-php.sh"
 # shellcheck source=scripts/deps-postgres.sh
 source "$here/deps-postgres.sh"
+# shellcheck source=scripts/deps-redis.sh
+source "$here/deps-redis.sh"
 
 ensure_services() {
   ensure_php
   ensure_postgres
+  ensure_redis
 }

