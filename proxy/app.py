@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from . import metrics
 from .admin import admin_routes
-from .client import Timeouts, UpstreamClient, read_raw
+from .client import Timeouts, create_client
 from .config import Settings
 from .discovery import LIST_PATH, Discovery
 from .errors import BodyTooLarge, NoHealthyInstance, ProxyError, SessionNotFound
@@ -59,7 +59,7 @@ class ProxyApp:
         resolver: Resolver | None = None,
     ) -> None:
         self.settings = settings
-        self.client = UpstreamClient(transport)
+        self.client = create_client(settings.upstream_client, transport)
         self.instances = InstanceSet(settings)
         self.table = RoutingTable(
             make_cache(settings.cache_url), settings.cache_ttl, settings.negative_ttl
@@ -214,7 +214,7 @@ class ProxyApp:
                 return
             request = self._outgoing(scope, method, path, body, request_id)
             answer = await self._dispatch(target, session_id, request)
-            status = answer.response.status_code
+            status = answer.response.status
             await self._relay(send, answer, request_id)
         except ProxyError as error:
             status, code, attempts, outcome = error.status, error.code, error.attempts, "error"
@@ -264,7 +264,7 @@ class ProxyApp:
         except SessionNotFound:
             pass
         answer = await self.router.to_any(request, self.router.pick_least_loaded)
-        if 200 <= answer.response.status_code < 300:
+        if 200 <= answer.response.status < 300:
             answer.instance.sessions += 1
             await self.table.put(session_id, answer.instance.url)
             self.router.record(session_id, answer.instance)
@@ -345,15 +345,12 @@ class ProxyApp:
             headers = request_headers(scope, instance.host_header, rid, None)
             try:
                 response = await self.client.send(
-                    "GET", instance.url + LIST_PATH + suffix, headers, b"", timeouts
+                    "GET", instance.url, LIST_PATH + suffix, headers, b"", timeouts
                 )
-                try:
-                    body = await read_raw(response)
-                finally:
-                    await response.aclose()
+                body = await response.read()
             except ProxyError as error:
                 return instance, 0, None, f"{error.code}: {error.detail}"
-            return instance, response.status_code, body, ""
+            return instance, response.status, body, ""
 
         everyone = self.instances.all
         answers = await asyncio.gather(*(ask(i) for i in everyone if i.available))

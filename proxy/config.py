@@ -78,6 +78,7 @@ class Settings:
     )
     # Timeouts: longer than the instance's own (60 s sessions, 45 s sends, 5 s health, 30 s other)
     # so that the instance, not the proxy, is the one that gives up first.
+    upstream_client: str = "fast"
     connect_timeout: float = 2.0
     route_timeouts: tuple[RouteTimeout, ...] = (
         RouteTimeout("/api/sessions", 65.0),
@@ -285,6 +286,7 @@ _PARSERS: dict[str, Any] = {
     "create_route": _route,
     "list_route": _route,
     "passthrough_routes": lambda n, v: _split(v),
+    "upstream_client": lambda n, v: _choice(n, v, ("fast", "httpx")),
     "connect_timeout": lambda n, v: _float(n, v, 0.001),
     "route_timeouts": _route_timeouts,
     "discovery_timeout": lambda n, v: _float(n, v, 0.001),

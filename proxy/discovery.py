@@ -88,8 +88,8 @@ class Discovery:
         """The session's status on this instance, or None when it does not hold it."""
         self.probes += 1
         metrics.PROBES.inc()
-        url = instance.url + STATUS_PATH.format(id=session_id) + self._key_query
-        status, body = await self._client.get_json(url, self._timeouts)
+        target = STATUS_PATH.format(id=session_id) + self._key_query
+        status, body = await self._client.get_json(instance.url, target, self._timeouts)
         if status == 200 and isinstance(body, dict):
             return instance, str(body.get("status") or "unknown")
         if status == 404:
@@ -205,7 +205,7 @@ class Discovery:
         async def fetch(instance: Instance) -> None:
             try:
                 status, body = await self._client.get_json(
-                    instance.url + LIST_PATH + query, self._timeouts
+                    instance.url, LIST_PATH + query, self._timeouts
                 )
             except ProxyError as exc:
                 inventory.failed[instance.url] = exc.detail

@@ -12,10 +12,8 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-import httpx
-
-from .client import read_raw
-from .errors import ProxyError, UpstreamAmbiguous
+from .client import UpstreamResponse
+from .errors import ProxyError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -86,11 +84,11 @@ def request_headers(
 
 
 def response_headers(
-    response: httpx.Response, instance_url: str, request_id: bytes, attempts: int
+    response: UpstreamResponse, instance_url: str, request_id: bytes, attempts: int
 ) -> list[tuple[bytes, bytes]]:
-    raw = response.headers.raw
-    dropped = HOP_BY_HOP | _REPLACED_OUT | _connection_tokens((n.lower(), v) for n, v in raw)
-    out = [(n.lower(), v) for n, v in raw if n.lower() not in dropped]
+    raw = [(n.lower(), v) for n, v in response.headers]
+    dropped = HOP_BY_HOP | _REPLACED_OUT | _connection_tokens(raw)
+    out = [(n, v) for n, v in raw if n not in dropped]
     out.append((b"x-request-id", request_id))
     out.append((b"x-proxy-instance", instance_url.encode("latin-1")))
     if attempts > 1:
@@ -109,44 +107,29 @@ def is_session_not_found(status: int, body: bytes) -> bool:
     return isinstance(document, dict) and document.get("error") == SESSION_NOT_FOUND
 
 
-def known_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length")
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
-
-
-async def buffered_body(response: httpx.Response) -> bytes | None:
+async def buffered_body(response: UpstreamResponse) -> bytes | None:
     """The whole body when it is small and its length is declared; None means stream it."""
-    length = known_length(response)
+    length = response.content_length
     if length is None or length > BUFFER_RESPONSE_LIMIT:
         return None
-    try:
-        return await read_raw(response)
-    finally:
-        await response.aclose()
+    return await response.read()
 
 
 async def relay(
     send: Send,
-    response: httpx.Response,
+    response: UpstreamResponse,
     headers: list[tuple[bytes, bytes]],
     body: bytes | None,
 ) -> None:
     """Send the instance's answer to the client; ``body`` is None when it is to be streamed."""
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
     if body is not None:
         await send({"type": "http.response.body", "body": body})
         return
-    try:
-        async for chunk in response.aiter_raw():
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except httpx.HTTPError as exc:
-        # The status line is gone already; the client must see a broken body, not a clean end.
-        raise UpstreamAmbiguous(f"the instance's response broke off: {exc}") from exc
-    finally:
-        await response.aclose()
+    # A failure from here on raises: the status line is gone, the client must see a broken body.
+    async for chunk in response.chunks():
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
 
 

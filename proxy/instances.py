@@ -278,7 +278,7 @@ class HealthChecker:
 
     async def check(self, instance: Instance) -> None:
         try:
-            status, body = await self._client.get_json(instance.url + "/health", self._timeouts)
+            status, body = await self._client.get_json(instance.url, "/health", self._timeouts)
         except ProxyError as exc:
             if instance.draining:
                 self._instances.remove(instance)  # drained and now gone
@@ -350,7 +350,9 @@ class DnsWatcher:
         ]
         added, drained = self._instances.sync_dynamic(urls)
         for instance in added:
-            log.info("instance discovered", extra={"instance": instance.url, "dns_name": self._host})
+            log.info(
+                "instance discovered", extra={"instance": instance.url, "dns_name": self._host}
+            )
         for instance in drained:
             log.info("instance draining", extra={"instance": instance.url, "dns_name": self._host})
         await asyncio.gather(*(self._health.check(i) for i in added))

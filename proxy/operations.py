@@ -8,7 +8,7 @@ import sys
 import asyncpg
 import httpx
 
-from .client import UpstreamClient
+from .client import create_client
 from .config import ConfigError, Settings
 from .discovery import Discovery
 from .instances import HealthChecker, InstanceSet
@@ -25,7 +25,7 @@ async def reconcile_command(settings: Settings, dry_run: bool, as_json: bool) ->
     if not settings.instances:
         raise ConfigError("SESSION_PROXY_INSTANCES is required to reconcile")
     configure_logging(settings.log_format, "warning")
-    client = UpstreamClient()
+    client = create_client(settings.upstream_client)
     instances = InstanceSet(settings)
     store = Store(settings)
     try:

@@ -17,10 +17,8 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
-import httpx
-
 from . import metrics
-from .client import Timeouts, UpstreamClient
+from .client import Timeouts, UpstreamClient, UpstreamResponse
 from .config import Settings
 from .discovery import Discovery
 from .errors import (
@@ -60,7 +58,7 @@ class StreamedBody:
 class Attempted:
     """The answer that ends a request: the response (body unread unless ``body``) and its path."""
 
-    response: httpx.Response
+    response: UpstreamResponse
     body: bytes | None
     instance: Instance
     attempts: int
@@ -279,7 +277,8 @@ class Router:
         try:
             response = await self.client.send(
                 request.method,
-                instance.url + request.target,
+                instance.url,
+                request.target,
                 request.headers_for(instance),
                 request.body,
                 request.timeouts,
@@ -293,7 +292,7 @@ class Router:
             raise
         self.instances.record_success(instance)
         body = None
-        if session_aware and response.status_code == 404:
+        if session_aware and response.status == 404:
             body = await buffered_body(response)
             if body is not None and is_session_not_found(404, body):
                 return None
