@@ -1,7 +1,7 @@
 """What session-proxy costs per request, next to nginx doing the same job, on this machine.
 
     .venv/bin/python bench/proxy_bench.py [--duration S] [--rounds N] [--quick] [--workers N]
-                                          [--json PATH] [--with-reconcile]
+                                          [--json PATH] [--with-reconcile] [--source DIR]
 
 One run starts, all on 127.0.0.1 and all torn down at exit:
 
@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT  # where ``python -m proxy`` runs from (--source): compare a copy with the tree
 HOST = "127.0.0.1"
 LOAD_SESSIONS = [f"s-{k:04d}" for k in range(100)]  # even last digit on port A, odd on port B
 REDISCOVERY_INSTANCES = 20
@@ -67,7 +67,9 @@ SENT_BODY = '{"success":true,"message_id":"bench-1","status":"sent"}'
 _STARTED: list[subprocess.Popen[bytes]] = []
 
 
-def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     """Start a process in its own group (so its workers go with it), remembered for teardown."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -76,7 +78,7 @@ def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> s
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            cwd=ROOT,
+            cwd=cwd,
             start_new_session=True,
         )
     _STARTED.append(proc)
@@ -195,7 +197,9 @@ def ensure_tools() -> None:
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", *lock, "install", "-y", "-q", *missing]
     if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", *lock, "update", "-q"], env=env, capture_output=True, timeout=600)
+        subprocess.run(
+            ["apt-get", *lock, "update", "-q"], env=env, capture_output=True, timeout=600
+        )
         done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise SystemExit(
@@ -268,22 +272,35 @@ http {{
 """
 
 
-def _instance_server(port: int, held: str, listed: Sequence[str] = ()) -> str:
-    """One fake instance: ``held`` is a regex of the session ids it holds, ``listed`` what its
-    session list shows (the proxy's fleet snapshot, used once status probes are rate-limited)."""
-    sessions = json.dumps(
-        {
-            "success": True,
-            "sessions": [{"session_id": sid, "status": "connected"} for sid in listed],
-            "total": len(listed),
-        },
-        separators=(",", ":"),
+def session_list(ids: Sequence[str]) -> str:
+    """An instance's ``GET /api/sessions`` answer (what the proxy's fleet snapshots read)."""
+    entries = [{"session_id": sid, "status": "connected"} for sid in ids]
+    return json.dumps(
+        {"success": True, "sessions": entries, "total": len(ids)}, separators=(",", ":")
     )
+
+
+def write_session_list(path: Path, ids: Sequence[str]) -> None:
+    temp = path.with_suffix(".tmp")
+    temp.write_text(session_list(ids))
+    temp.chmod(0o644)
+    temp.replace(path)  # atomic: nginx never serves half a list
+
+
+def _instance_server(
+    port: int, held: str, listed: Sequence[str] = (), list_file: Path | None = None
+) -> str:
+    """One fake instance: ``held`` is a regex of the session ids it holds; its session list is
+    ``listed``, or the file ``list_file`` (rewritten while it runs; each read is logged)."""
+    if list_file is None:
+        sessions = f"return 200 '{session_list(listed)}';"
+    else:
+        sessions = f"access_log {list_file}.log; alias {list_file};"
     return f"""
   server {{
     listen {HOST}:{port};
     location = /health {{ return 200 '{HEALTH_BODY}'; }}
-    location = /api/sessions {{ return 200 '{sessions}'; }}
+    location = /api/sessions {{ {sessions} }}
     location = /api/messages/send {{ return 200 '{SENT_BODY}'; }}
     location ~ ^/api/sessions/[^/]+/status$ {{
       if ($uri !~ "^/api/sessions/({held})/status$") {{ return 404 '{NOT_FOUND_BODY}'; }}
@@ -297,7 +314,12 @@ def _even(session_id: str) -> bool:
     return int(session_id[-1]) % 2 == 0
 
 
+def fill_list_file(upstream_prefix: Path) -> Path:
+    return upstream_prefix / "r0-sessions.json"
+
+
 def upstream_conf(prefix: Path, ports: Ports) -> str:
+    prefix.mkdir(mode=0o755, exist_ok=True)
     servers = [
         # The load sessions: an even last digit on port A, odd on port B.
         _instance_server(ports.a, r"[^/]*[02468]", [s for s in LOAD_SESSIONS if _even(s)]),
@@ -305,8 +327,12 @@ def upstream_conf(prefix: Path, ports: Ports) -> str:
     ]
     for n, port in enumerate(ports.fleet):
         # R0 holds every fill session; rediscovery session rd-K-oNN is held by R(NN) only.
-        extra = "fill-[^/]*|" if n == 0 else ""
-        servers.append(_instance_server(port, f"{extra}rd-[0-9]+-o{n:02d}"))
+        if n == 0:
+            write_session_list(fill_list_file(prefix), [])
+            held, list_file = "fill-[^/]*|rd-[0-9]+-o00", fill_list_file(prefix)
+        else:
+            held, list_file = f"rd-[0-9]+-o{n:02d}", None
+        servers.append(_instance_server(port, held, list_file=list_file))
     return _nginx_main(prefix, "\n".join(servers))
 
 
@@ -343,7 +369,7 @@ def nginx_proxy_conf(prefix: Path, ports: Ports) -> str:
 
 def start_nginx(name: str, conf: str, work: Path, ports: Sequence[int]) -> subprocess.Popen[bytes]:
     prefix = work / name
-    prefix.mkdir(mode=0o755)
+    prefix.mkdir(mode=0o755, exist_ok=True)
     (prefix / "nginx.conf").write_text(conf)
     log = prefix / "stdout.log"
     cmd = [find("nginx") or "nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
@@ -372,8 +398,9 @@ def start_proxy(
         "SESSION_PROXY_SHUTDOWN_GRACE": "2",
     }
     env |= {f"SESSION_PROXY_{k.upper()}": v for k, v in extra.items()}
+    env["PYTHONPATH"] = str(SOURCE)
     log = work / f"{name}.log"
-    proc = spawn([sys.executable, "-m", "proxy", "serve"], log, env)
+    proc = spawn([sys.executable, "-m", "proxy", "serve"], log, env, cwd=SOURCE)
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:
@@ -387,12 +414,17 @@ def start_proxy(
 
 
 def http_get(
-    port: int, path: str, conn: http.client.HTTPConnection | None = None
+    port: int, path: str, conn: http.client.HTTPConnection | None = None, body: str | None = None
 ) -> tuple[int, dict[str, str], bytes]:
+    """One request (a POST when ``body`` is given) on ``conn`` or a connection of its own."""
     own = conn is None
     conn = conn or http.client.HTTPConnection(HOST, port, timeout=10)
     try:
-        conn.request("GET", path)
+        if body is None:
+            conn.request("GET", path)
+        else:
+            headers = {"Content-Type": "application/json"}
+            conn.request("POST", path, body.encode(), headers)
         response = conn.getresponse()
         body = response.read()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, body
@@ -402,16 +434,24 @@ def http_get(
 
 
 def warm(port: int, ports: Ports) -> None:
-    """Make the proxy learn every load session's owner, and check it learned the right one."""
+    """Make the proxy learn every load session's owner, and check that both request shapes go
+    to the instance that holds the session."""
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
         for sid in LOAD_SESSIONS:
             owner = ports.a if _even(sid) else ports.b
-            for _ in range(2):  # the second request is a table hit
-                status, headers, body = http_get(port, f"/api/sessions/{sid}/status?api_key=k", conn)
+            status_path = f"/api/sessions/{sid}/status?api_key=k"
+            for path, body in (
+                (status_path, None),  # a miss: learned here
+                (status_path, None),  # a table hit
+                ("/api/messages/send", post_body(sid)),
+            ):
+                status, headers, answer = http_get(port, path, conn, body)
                 instance = headers.get("x-proxy-instance", "")
                 if status != 200 or not instance.endswith(f":{owner}"):
-                    raise RuntimeError(f"warm-up {sid}: {status} from {instance!r}: {body[:200]!r}")
+                    raise RuntimeError(
+                        f"warm-up {sid}: {status} from {instance!r}: {answer[:200]!r}"
+                    )
     finally:
         conn.close()
 
@@ -445,11 +485,15 @@ end
 {_LUA_DONE}"""
 
 
+def post_body(session_id: str) -> str:
+    """A send of about 1 KB, addressed by the body's ``session_id``."""
+    return json.dumps(
+        {"session_id": session_id, "api_key": "k", "to": "628123456789", "message": MESSAGE}
+    )
+
+
 def lua_post(ids: Sequence[str]) -> str:
-    bodies = [
-        json.dumps({"session_id": sid, "api_key": "k", "to": "628123456789", "message": MESSAGE})
-        for sid in ids
-    ]
+    bodies = [post_body(sid) for sid in ids]
     return f"""
 local bodies = {_lua_list(bodies)}
 local headers = {{["Content-Type"] = "application/json"}}
@@ -462,8 +506,9 @@ end
 
 
 def lua_fill(per_thread: int, marker: Path) -> str:
-    """Distinct session ids (fill-<thread>-<n>). A thread that has had ``per_thread`` answers
-    stops and leaves a marker file: wrk itself would sleep out its whole ``-d`` regardless."""
+    """Distinct session ids (fill-<thread>-<n>). Every 500 requests a thread writes its ``n`` to
+    ``<marker>.progress.<thread>``; after ``per_thread`` answers it stops and leaves
+    ``<marker>.<thread>`` (wrk itself would sleep out its whole ``-d`` regardless)."""
     return f"""
 local threads = 0
 function setup(thread)
@@ -473,6 +518,11 @@ end
 local n, answered = 0, 0
 function request()
   n = n + 1
+  if n % 500 == 0 then
+    local f = io.open("{marker}.progress." .. tid, "w")
+    f:write(n)
+    f:close()
+  end
   return wrk.format("GET", "/api/sessions/fill-" .. tid .. "-" .. n .. "/status?api_key=k")
 end
 function response(status, headers, body)
@@ -486,8 +536,10 @@ end
 
 
 def wrk_command(port: int, script: Path, connections: int, seconds: int) -> list[str]:
-    cmd = [find("wrk") or "wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s"]
-    return cmd + ["--timeout", "5s", "--latency", "-s", str(script), f"http://{HOST}:{port}"]
+    return [
+        *(find("wrk") or "wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s"),
+        *("--timeout", "5s", "--latency", "-s", str(script), f"http://{HOST}:{port}"),
+    ]
 
 
 def wrk_result(returncode: int, stdout: str, stderr: str) -> dict[str, float]:
@@ -506,9 +558,15 @@ def run_wrk(port: int, script: Path, connections: int, duration: float) -> dict[
 
 
 def run_wrk_until(
-    port: int, script: Path, connections: int, limit: float, markers: Sequence[Path]
+    port: int,
+    script: Path,
+    connections: int,
+    limit: float,
+    markers: Sequence[Path],
+    tick: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """wrk until every marker file exists (then SIGINT: wrk stops and reports) or ``limit`` s."""
+    """wrk until every marker file exists (then SIGINT: wrk stops and reports) or ``limit`` s;
+    ``tick`` is called every 50 ms meanwhile."""
     seconds = max(1, round(limit))
     proc = subprocess.Popen(
         wrk_command(port, script, connections, seconds),
@@ -522,6 +580,7 @@ def run_wrk_until(
             if all(m.exists() for m in markers):
                 proc.send_signal(signal.SIGINT)
                 break
+            tick()
             time.sleep(0.05)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
@@ -668,31 +727,52 @@ def load_matrix(
 
 
 def table_memory(work: Path, ports: Ports, sessions: int, fill_seconds: float) -> dict[str, Any]:
-    """RSS of a proxy holding ``sessions`` learned owners minus the same process before."""
-    fleet = ports.fleet[:2]  # R0 holds every fill-* id, R1 none
-    # Every miss must be a status probe (as for a real unknown session), not a fleet snapshot.
-    proc = start_proxy("fill-proxy", ports.fill_proxy, fleet, work, 1, rediscovery_rate="1000000")
+    """VmRSS of a proxy that learned ``sessions`` owners minus the same process before.
+
+    The proxy runs with its default settings, so a flood of unknown ids takes the path it takes
+    in production: 20 status probes a second, every other miss answered from a fleet snapshot
+    (one ``GET /api/sessions`` per instance, at most one a second). R0 holds every fill id; its
+    list shows a window just ahead of the ids wrk is sending (rewritten as wrk reports progress)
+    so that the snapshots stay small and the growth measured is the routing table's. At the end
+    a snapshot of an empty fleet replaces the last one before the last measurement."""
+    list_file = fill_list_file(work / "upstream")
+    warm_ids = [f"fill-warm-{k}" for k in range(100)]
+    write_session_list(list_file, warm_ids)
+    proc = start_proxy("fill-proxy", ports.fill_proxy, ports.fleet[:2], work, 1)
     try:
         warm_script = work / "fill-warm.lua"
-        warm_script.write_text(lua_get([f"fill-warm-{k}" for k in range(100)]))
-        run_wrk(ports.fill_proxy, warm_script, 64, 2)  # pools, buffers and 100 entries in place
+        warm_script.write_text(lua_get(warm_ids))
+        run_wrk(ports.fill_proxy, warm_script, FILL_CONNECTIONS, 2)  # pools, buffers in place
         time.sleep(0.5)
         empty = rss_mib(proc.pid)
+        per_thread = sessions // 2
         script, marker = work / "fill.lua", work / "fill-done"
-        script.write_text(lua_fill(sessions // 2, marker))
+        script.write_text(lua_fill(per_thread, marker))
+        window = FillWindow(list_file, [Path(f"{marker}.progress.{t}") for t in range(2)])
+        window.tick()
+        time.sleep(1.2)  # the warm-up's snapshot (without the fill ids) is stale now
         markers = [Path(f"{marker}.{t}") for t in range(2)]
+        lists_before = _lines(Path(f"{list_file}.log"))
         started = time.monotonic()
-        w = run_wrk_until(ports.fill_proxy, script, FILL_CONNECTIONS, fill_seconds, markers)
+        w = run_wrk_until(
+            ports.fill_proxy, script, FILL_CONNECTIONS, fill_seconds, markers, window.tick
+        )
         took = time.monotonic() - started
-        time.sleep(0.5)
-        full = rss_mib(proc.pid)
+        snapshots = _lines(Path(f"{list_file}.log")) - lists_before
         learned = int(w["requests"] - w["non2xx"])
         if learned < sessions:
             progress(f"fill learned only {learned:,} of {sessions:,} in {fill_seconds:.0f} s")
+        replaced = _replace_snapshot(ports.fill_proxy, list_file)
+        time.sleep(0.5)
+        full = rss_mib(proc.pid)
         return {
             "sessions_learned": learned,
+            "not_learned": int(w["non2xx"]),
             "fill_seconds": round(took, 1),
             "fill_rate_per_s": round(learned / took),
+            "fill_snapshots": snapshots,
+            "fill_p99_ms": round(w["p99_us"] / 1000, 1),
+            "snapshot_replaced": replaced,
             "rss_empty_mib": round(empty, 1),
             "rss_full_mib": round(full, 1),
             "table_mib": round(full - empty, 1),
@@ -702,24 +782,79 @@ def table_memory(work: Path, ports: Ports, sessions: int, fill_seconds: float) -
         stop(proc)
 
 
+class FillWindow:
+    """Keeps R0's session list to the ids each wrk thread is about to send."""
+
+    AHEAD, BEHIND = 4000, 1000
+
+    def __init__(self, list_file: Path, progress_files: Sequence[Path]) -> None:
+        self.list_file = list_file
+        self.progress_files = progress_files
+        self.shown: list[int] = []
+
+    def tick(self) -> None:
+        sent = []
+        for path in self.progress_files:
+            try:
+                sent.append(int(path.read_text() or 0))
+            except (OSError, ValueError):
+                sent.append(0)
+        if self.shown and all(s < shown + 1000 for s, shown in zip(sent, self.shown, strict=True)):
+            return
+        self.shown = sent
+        ids = [
+            f"fill-{thread}-{n}"
+            for thread, at in enumerate(sent)
+            for n in range(max(1, at - self.BEHIND), at + self.AHEAD)
+        ]
+        write_session_list(self.list_file, ids)
+
+
+def _lines(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return len(path.read_bytes().splitlines())
+    return 0
+
+
+def _replace_snapshot(port: int, list_file: Path) -> bool:
+    """Empty R0's list and send unknown ids until the probe budget is spent and the proxy takes
+    a new (empty) snapshot; True once R0 saw that list call."""
+    write_session_list(list_file, [])
+    time.sleep(1.2)
+    log = Path(f"{list_file}.log")
+    before = _lines(log)
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        for k in range(200):
+            status, _headers, _body = http_get(port, f"/api/sessions/gone-{k}/status", conn)
+            if status != 404:
+                raise RuntimeError(f"unknown session gone-{k} answered {status}")
+            if _lines(log) > before:
+                return True
+    finally:
+        conn.close()
+    return False
+
+
 def rediscovery(work: Path, ports: Ports) -> dict[str, Any]:
     """A first request for an unknown session (status probes to 20 instances, one holds it)
     against the same request once the owner is known; sequential, one keep-alive client."""
-    proc = start_proxy(
-        "rediscovery-proxy", ports.rediscovery_proxy, ports.fleet, work, 1, rediscovery_rate="1000"
-    )
-    conn = http.client.HTTPConnection(HOST, ports.rediscovery_proxy, timeout=10)
+    port = ports.rediscovery_proxy
+    # A budget of 1000 probe rounds a second (default 20), so that no lookup here is answered
+    # from a fleet snapshot instead: what is timed is the round of 20 status probes.
+    proc = start_proxy("rediscovery-proxy", port, ports.fleet, work, 1, rediscovery_rate="1000")
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
     unknown, known = [], []
     try:
         for k in range(5):  # connections and code paths warm, not counted
-            http_get(ports.rediscovery_proxy, f"/api/sessions/rd-9{k}-o{k:02d}/status?api_key=k", conn)
-            http_get(ports.rediscovery_proxy, f"/api/sessions/rd-9{k}-o{k:02d}/status?api_key=k", conn)
+            for _ in range(2):
+                http_get(port, f"/api/sessions/rd-9{k}-o{k:02d}/status?api_key=k", conn)
         for k in range(REDISCOVERY_IDS):
             owner = k % REDISCOVERY_INSTANCES
             path = f"/api/sessions/rd-{k}-o{owner:02d}/status?api_key=k"
             for bucket in (unknown, known):
                 started = time.perf_counter()
-                status, headers, body = http_get(ports.rediscovery_proxy, path, conn)
+                status, headers, body = http_get(port, path, conn)
                 bucket.append((time.perf_counter() - started) * 1000)
                 instance = headers.get("x-proxy-instance", "")
                 if status != 200 or not instance.endswith(f":{ports.fleet[owner]}"):
@@ -740,7 +875,9 @@ def rediscovery(work: Path, ports: Ports) -> dict[str, Any]:
 def reconcile_output() -> str:
     cmd = [sys.executable, "bench/reconcile.py", "--sessions", "10000", "100000"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    return done.stdout + (f"\n(exit {done.returncode}) {done.stderr[-2000:]}" if done.returncode else "")
+    return done.stdout + (
+        f"\n(exit {done.returncode}) {done.stderr[-2000:]}" if done.returncode else ""
+    )
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -780,7 +917,9 @@ def print_report(report: dict[str, Any]) -> None:
             f"{c['cpu_us']:>10,.0f} {c['upstream_cpu_us']:>11,.0f} {c['errors']:>6}"
         )
     print("\nCPU per request, session-proxy / nginx")
-    print(f"{'shape':<5} {'conc':>4} {'nginx us':>9} {'proxy us':>9} {'ratio':>6} {'rps ratio':>10}")
+    print(
+        f"{'shape':<5} {'conc':>4} {'nginx us':>9} {'proxy us':>9} {'ratio':>6} {'rps ratio':>10}"
+    )
     for r in report["ratios"]:
         print(
             f"{r['shape']:<5} {'c' + str(r['connections']):>4} {r['nginx_cpu_us']:>9,.0f} "
@@ -845,15 +984,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "duration_s": args.duration,
             "rounds": args.rounds,
             "workers": args.workers,
+            "source": str(SOURCE),
+            "fill_sessions": args.fill_sessions,
             "cpus": os.cpu_count(),
-            "post_body_bytes": len(lua_post_body_example()),
+            "post_body_bytes": len(post_body(LOAD_SESSIONS[0])),
             "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         },
     }
     with workdir() as work:
         ports = Ports.pick()
         all_upstream = [ports.a, ports.b, *ports.fleet]
-        upstream = start_nginx("upstream", upstream_conf(work / "upstream", ports), work, all_upstream)
+        upstream = start_nginx(
+            "upstream", upstream_conf(work / "upstream", ports), work, all_upstream
+        )
         nginx = start_nginx("nginx", nginx_proxy_conf(work / "nginx", ports), work, [ports.nginx])
         proxy = start_proxy("proxy", ports.proxy, [ports.a, ports.b], work, args.workers)
         warm(ports.proxy, ports)
@@ -878,25 +1021,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def lua_post_body_example() -> str:
-    return json.dumps(
-        {"session_id": LOAD_SESSIONS[0], "api_key": "k", "to": "628123456789", "message": MESSAGE}
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is reported)")
     parser.add_argument("--workers", type=int, default=1, help="session-proxy worker processes")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 1 round")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--with-reconcile", action="store_true", help="run bench/reconcile.py")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=ROOT,
+        help="directory to run `python -m proxy` from (default: this repo; e.g. a copy of an "
+        "older version, to compare)",
+    )
     parser.add_argument("--fill-sessions", type=int, default=FILL_SESSIONS, help=argparse.SUPPRESS)
-    parser.add_argument("--fill-seconds", type=float, default=120.0, help=argparse.SUPPRESS)
+    parser.add_argument("--fill-seconds", type=float, default=240.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 2.0, 1
+        args.fill_sessions = min(args.fill_sessions, 10_000)
+    if not (args.source / "proxy" / "__main__.py").exists():
+        parser.error(f"--source {args.source}: no proxy/__main__.py there")
+    global SOURCE
+    SOURCE = args.source.resolve()
     signal.signal(signal.SIGTERM, _on_signal)
     atexit.register(stop_all)
     report = run(args)

@@ -123,6 +123,24 @@ wait_200() {
   done
 }
 
+# Wait (at most $3 seconds) until GET $1 answers 200 while container $2 keeps running.
+wait_ready() {
+  local url=$1 name=$2 deadline=$((SECONDS + $3))
+  until "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+    "$url" 2>/dev/null; do
+    if [ "$(podman inspect --format '{{.State.Running}}' "$name" 2>/dev/null)" != "true" ]; then
+      echo "container $name is not running:" >&2
+      podman logs --tail 30 "$name" >&2 || true
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      podman logs --tail 30 "$name" >&2 || true
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
 # Check the last line of http_get's output: status and, if given, the answering instance.
 expect() {
   local out=$1 status=$2 instance=${3:-}
@@ -309,9 +327,8 @@ if [ "$play_rc" -ne 0 ]; then
 fi
 podman pod ps --filter "name=$POD"
 podman ps --pod --filter "pod=$POD" --format '{{.Names}}  {{.Image}}  {{.Command}}  {{.Status}}'
-if ! wait_200 "http://127.0.0.1:$P_PROXY/readyz" 60; then
+if ! wait_ready "http://127.0.0.1:$P_PROXY/readyz" "$POD-session-proxy" 60; then
   fail "the pod's proxy never became ready"
-  podman logs --tail 30 "$POD-session-proxy" || true
   exit 1
 fi
 
@@ -359,7 +376,7 @@ pm run -d --name "$SOLO" --network host \
   -e SESSION_PROXY_INSTANCES="http://127.0.0.1:$P1,http://127.0.0.1:$P2" \
   -e SESSION_PROXY_API_KEY=demo-key -e SESSION_PROXY_LOG_FORMAT=text \
   "$IMAGE" 2>&1 | grep -v 'systemd connection' || true
-if wait_200 "http://127.0.0.1:$P_SOLO/readyz" 60; then
+if wait_ready "http://127.0.0.1:$P_SOLO/readyz" "$SOLO" 60; then
   expect "$(http_get "http://127.0.0.1:$P_SOLO/api/sessions/s1/status?api_key=demo-key")" \
     200 "http://127.0.0.1:$P1"
   if pm healthcheck run "$SOLO" >/dev/null 2>&1; then

@@ -57,10 +57,11 @@ def render(entry: str) -> list[dict[str, Any]]:
     if entry not in _rendered:
         kubectl = shutil.which("kubectl")
         if kubectl is None:
-            pytest.fail(
-                "kubectl is required to render k8s/ (kubectl kustomize, built-in kustomize v4.1+, "
-                "i.e. kubectl >= 1.22; Debian's kubernetes-client 1.20 is too old). Install a "
-                "current kubectl and run again."
+            # The issue asks for rendering "where present": no package registry these machines
+            # reach ships a current kubectl, so a machine without one reports a skip, never a pass.
+            pytest.skip(
+                "kubectl not installed: rendering k8s/ needs kubectl >= 1.22 (Debian's "
+                "kubernetes-client 1.20 is too old); the strict schema checks still ran"
             )
         result = subprocess.run(
             [kubectl, "kustomize", str(K8S / entry)],
