@@ -191,7 +191,8 @@ class ProxyApp:
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = _header(scope, b"x-request-id") or new_request_id()
+        seen = _scan_headers(scope["headers"])
+        request_id = seen.request_id or new_request_id()
         method: str = scope["method"]
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
@@ -205,14 +206,14 @@ class ProxyApp:
         try:
             target = self.sessions.classify(method, path)
             session_id = target.session_id
-            body = await self._read_body(scope, receive, buffer_all=target.kind is not Kind.PATH)
+            body = await self._read_body(seen, receive, buffer_all=target.kind is not Kind.PATH)
             if target.kind in (Kind.BODY, Kind.CREATE):
                 assert isinstance(body, bytes)
                 session_id = self.sessions.session_from_body(body)
             if target.kind is Kind.LIST:
                 status = await self._list(scope, send, request_id)
                 return
-            request = self._outgoing(scope, method, path, body, request_id)
+            request = self._outgoing(scope, seen, method, path, body, request_id)
             answer = await self._dispatch(target, session_id, request)
             status = answer.response.status
             await self._relay(send, answer, request_id)
@@ -228,8 +229,7 @@ class ProxyApp:
         finally:
             self.in_flight -= 1
             elapsed = time.perf_counter() - started
-            metrics.REQUESTS.labels(outcome, metrics.status_class(status)).inc()
-            metrics.REQUEST_SECONDS.observe(elapsed)
+            metrics.count_request(outcome, status, elapsed)
             if self._log_requests:
                 access_log.info(
                     "request",
@@ -273,6 +273,7 @@ class ProxyApp:
     def _outgoing(
         self,
         scope: Scope,
+        seen: _Seen,
         method: str,
         path: str,
         body: bytes | StreamedBody,
@@ -283,7 +284,7 @@ class ProxyApp:
         if isinstance(body, bytes):
             length: int | None = len(body) if body or method in _METHODS_WITH_BODY else None
         else:
-            declared = _header(scope, b"content-length")
+            declared = seen.content_length
             length = int(declared) if declared and declared.isdigit() else None
         rid = request_id.encode("latin-1")
 
@@ -296,15 +297,15 @@ class ProxyApp:
             body=body,
             headers_for=headers_for,
             timeouts=Timeouts(self.settings.connect_timeout, self.settings.timeout_for(path)),
-            idempotency_key=_header(scope, b"idempotency-key") is not None,
+            idempotency_key=seen.idempotency_key,
         )
 
     async def _read_body(
-        self, scope: Scope, receive: Receive, buffer_all: bool
+        self, seen: _Seen, receive: Receive, buffer_all: bool
     ) -> bytes | StreamedBody:
         """Buffer the body (so it can be replayed), or stream what exceeds the replay buffer."""
-        declared = _header(scope, b"content-length")
-        if declared is None and _header(scope, b"transfer-encoding") is None:
+        declared = seen.content_length
+        if declared is None and not seen.chunked:
             return b""
         maximum = self.settings.max_body_size
         if declared is not None and declared.isdigit() and int(declared) > maximum:
@@ -447,11 +448,30 @@ async def _send_json_bytes(send: Send, status: int, body: bytes, request_id: str
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+class _Seen:
+    """What the proxy needs from the request's headers, found in one pass."""
+
+    __slots__ = ("chunked", "content_length", "idempotency_key", "request_id")
+
+    def __init__(self) -> None:
+        self.request_id: str | None = None
+        self.content_length: str | None = None
+        self.chunked = False
+        self.idempotency_key = False
+
+
+def _scan_headers(headers: list[tuple[bytes, bytes]]) -> _Seen:
+    seen = _Seen()
+    for name, value in headers:
+        if name == b"content-length":
+            seen.content_length = value.decode("latin-1")
+        elif name == b"x-request-id":
+            seen.request_id = value.decode("latin-1")
+        elif name == b"transfer-encoding":
+            seen.chunked = True
+        elif name == b"idempotency-key":
+            seen.idempotency_key = True
+    return seen
 
 
 def _json_object(body: bytes | None) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ they combine across processes.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -84,8 +85,17 @@ CACHE_FALLBACKS = Counter(
 )
 
 
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"
+_REQUEST_CHILDREN: dict[tuple[str, int], Any] = {}
+
+
+def count_request(outcome: str, status: int, seconds: float) -> None:
+    """One proxied request; label children are looked up once and kept (this is per request)."""
+    key = (outcome, status // 100)
+    child = _REQUEST_CHILDREN.get(key)
+    if child is None:
+        child = _REQUEST_CHILDREN[key] = REQUESTS.labels(outcome, f"{status // 100}xx")
+    child.inc()
+    REQUEST_SECONDS.observe(seconds)
 
 
 def render() -> tuple[bytes, str]:
