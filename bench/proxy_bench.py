@@ -243,11 +243,12 @@ class Ports:
     proxy: int
     fill_proxy: int
     rediscovery_proxy: int
+    upstream_status: int  # the upstream nginx's stub_status: connections it accepted
 
     @classmethod
     def pick(cls) -> Ports:
-        p = free_ports(6 + REDISCOVERY_INSTANCES)
-        return cls(p[0], p[1], p[6:], p[2], p[3], p[4], p[5])
+        p = free_ports(7 + REDISCOVERY_INSTANCES)
+        return cls(p[0], p[1], p[7:], p[2], p[3], p[4], p[5], p[6])
 
 
 def _nginx_main(prefix: Path, http_body: str) -> str:
@@ -333,7 +334,14 @@ def upstream_conf(prefix: Path, ports: Ports) -> str:
         else:
             held, list_file = f"rd-[0-9]+-o{n:02d}", None
         servers.append(_instance_server(port, held, list_file=list_file))
+    servers.append(f"  server {{ listen {HOST}:{ports.upstream_status}; stub_status; }}")
     return _nginx_main(prefix, "\n".join(servers))
+
+
+def upstream_accepts(status_port: int) -> int:
+    """Connections the upstream has accepted so far (stub_status; each reading counts one)."""
+    text = http_get(status_port, "/")[2].decode()
+    return int(text.splitlines()[2].split()[0])
 
 
 def nginx_proxy_conf(prefix: Path, ports: Ports) -> str:
@@ -426,8 +434,8 @@ def http_get(
             headers = {"Content-Type": "application/json"}
             conn.request("POST", path, body.encode(), headers)
         response = conn.getresponse()
-        body = response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+        answer = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
     finally:
         if own:
             conn.close()
@@ -603,6 +611,7 @@ class Run:
     p99_ms: float
     cpu_us: float  # the target's CPU per request
     upstream_cpu_us: float  # the fake instances' CPU per request (same work for every target)
+    upstream_conns: int  # connections the upstream accepted during the run
     requests: int
     errors: int
 
@@ -619,29 +628,32 @@ class Cell:
     p99_ms: float
     cpu_us: float
     upstream_cpu_us: float
+    upstream_conns: float
     errors: int
     added_p50_ms: float = 0.0
     added_p99_ms: float = 0.0
     rounds: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int  # where wrk sends (for the upstream: its stub_status port)
+    pid: int  # the process tree whose CPU is counted
+
+
 def measure_once(
-    target: str,
-    shape: str,
-    connections: int,
-    port: int,
-    pid: int,
-    upstream_pid: int,
-    script: Path,
-    duration: float,
+    target: Target, shape: str, connections: int, upstream: Target, script: Path, duration: float
 ) -> Run:
-    before, up_before = cpu_seconds(pid), cpu_seconds(upstream_pid)
-    w = run_wrk(port, script, connections, duration)
-    used, up_used = cpu_seconds(pid) - before, cpu_seconds(upstream_pid) - up_before
+    before, up_before = cpu_seconds(target.pid), cpu_seconds(upstream.pid)
+    accepts = upstream_accepts(upstream.port)
+    w = run_wrk(target.port, script, connections, duration)
+    used, up_used = cpu_seconds(target.pid) - before, cpu_seconds(upstream.pid) - up_before
+    conns = upstream_accepts(upstream.port) - accepts - 1  # less the stub_status request itself
     requests = int(w["requests"])
     errors = int(w["non2xx"] + w["connect"] + w["read"] + w["write"] + w["timeout"])
     return Run(
-        target,
+        target.name,
         shape,
         connections,
         rps=requests / (w["duration_us"] / 1e6),
@@ -649,6 +661,7 @@ def measure_once(
         p99_ms=w["p99_us"] / 1000,
         cpu_us=used * 1e6 / max(1, requests),
         upstream_cpu_us=up_used * 1e6 / max(1, requests),
+        upstream_conns=conns,
         requests=requests,
         errors=errors,
     )
@@ -669,49 +682,38 @@ def median_cell(runs: list[Run]) -> Cell:
         p99_ms=med(lambda r: r.p99_ms),
         cpu_us=med(lambda r: r.cpu_us),
         upstream_cpu_us=med(lambda r: r.upstream_cpu_us),
+        upstream_conns=med(lambda r: r.upstream_conns),
         errors=sum(r.errors for r in runs),
         rounds=[asdict(r) for r in runs],
     )
 
 
 def load_matrix(
-    work: Path,
-    targets: dict[str, tuple[int, int]],
-    upstream_pid: int,
-    duration: float,
-    rounds: int,
+    work: Path, targets: list[Target], upstream: Target, duration: float, rounds: int
 ) -> list[Cell]:
     """Every shape and concurrency, the targets one after another inside each round."""
     direct_ids = [sid for sid in LOAD_SESSIONS if _even(sid)]  # all held by port A
     scripts: dict[tuple[str, str], Path] = {}
-    for target in TARGETS:
-        ids = direct_ids if target == "direct" else LOAD_SESSIONS
+    for name in TARGETS:
+        ids = direct_ids if name == "direct" else LOAD_SESSIONS
         for shape, text in (("GET", lua_get(ids)), ("POST", lua_post(ids))):
-            path = work / f"{target}-{shape}.lua"
+            path = work / f"{name}-{shape}.lua"
             path.write_text(text)
-            scripts[target, shape] = path
+            scripts[name, shape] = path
     runs: dict[tuple[str, str, int], list[Run]] = {}
-    total = rounds * len(SHAPES) * 2 * len(TARGETS)
+    total = rounds * len(SHAPES) * 2 * len(targets)
     done = 0
     for round_no in range(rounds):
         for shape in SHAPES:
             for connections in (8, 64):
-                for target in TARGETS:
-                    port, pid = targets[target]
-                    run = measure_once(
-                        target,
-                        shape,
-                        connections,
-                        port,
-                        pid,
-                        upstream_pid,
-                        scripts[target, shape],
-                        duration,
-                    )
-                    runs.setdefault((target, shape, connections), []).append(run)
+                for target in targets:
+                    script = scripts[target.name, shape]
+                    run = measure_once(target, shape, connections, upstream, script, duration)
+                    runs.setdefault((target.name, shape, connections), []).append(run)
                     done += 1
                     progress(
-                        f"[{done}/{total}] round {round_no + 1} {shape} c{connections} {target}: "
+                        f"[{done}/{total}] round {round_no + 1} {shape} c{connections} "
+                        f"{target.name}: "
                         f"{run.rps:,.0f} req/s, {run.cpu_us:,.0f} us CPU/req, "
                         f"p99 {run.p99_ms:.2f} ms, errors {run.errors}"
                     )
@@ -844,7 +846,8 @@ def rediscovery(work: Path, ports: Ports) -> dict[str, Any]:
     # from a fleet snapshot instead: what is timed is the round of 20 status probes.
     proc = start_proxy("rediscovery-proxy", port, ports.fleet, work, 1, rediscovery_rate="1000")
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    unknown, known = [], []
+    unknown: list[float] = []
+    known: list[float] = []
     try:
         for k in range(5):  # connections and code paths warm, not counted
             for _ in range(2):
@@ -897,11 +900,21 @@ def print_report(report: dict[str, Any]) -> None:
         f"session-proxy workers {s['workers']}; load average {s['loadavg_start']} at start, "
         f"{s['loadavg_end']} at end"
     )
-    print("upstream: nginx 1 worker, fixed JSON; GET /api/sessions/<id>/status, ")
-    print(f"          POST /api/messages/send with a {s['post_body_bytes']} byte JSON body\n")
+    print(f"session-proxy run from {s['source']}")
+    print(
+        "upstream: one nginx (1 worker) with fixed JSON answers: GET /api/sessions/<id>/status, "
+        f"POST /api/messages/send with a {s['post_body_bytes']} byte JSON body"
+    )
+    print(
+        "columns: CPU us/req = the target's own CPU (utime+stime of its process tree, /proc) per "
+        "request wrk counted;\n  upstream us = the instances' CPU per request; up conns = "
+        "connections the instances accepted during the run;\n  +p50/+p99 = over direct at the "
+        "same concurrency (direct p99 is noisy: wrk and nginx share 2 cores)\n"
+    )
     head = (
         f"{'shape':<5} {'conc':>4} {'target':<7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU us/req':>10} {'upstream us':>11} {'errors':>6}"
+        f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU us/req':>10} {'upstream us':>11} "
+        f"{'up conns':>8} {'errors':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -914,7 +927,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             f"{c['shape']:<5} {'c' + str(c['connections']):>4} {c['target']:<7} {c['rps']:>8,.0f} "
             f"{c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} {added[0]:>8} {added[1]:>8} "
-            f"{c['cpu_us']:>10,.0f} {c['upstream_cpu_us']:>11,.0f} {c['errors']:>6}"
+            f"{c['cpu_us']:>10,.0f} {c['upstream_cpu_us']:>11,.0f} "
+            f"{c['upstream_conns']:>8,.0f} {c['errors']:>6}"
         )
     print("\nCPU per request, session-proxy / nginx")
     print(
@@ -928,9 +942,11 @@ def print_report(report: dict[str, Any]) -> None:
     m = report["memory"]
     print(
         f"\nrouting table memory: {m['sessions_learned']:,} sessions learned in "
-        f"{m['fill_seconds']} s ({m['fill_rate_per_s']:,}/s); VmRSS {m['rss_empty_mib']} MiB "
-        f"-> {m['rss_full_mib']} MiB: {m['table_mib']} MiB "
-        f"({m['bytes_per_session']} bytes per session)"
+        f"{m['fill_seconds']} s ({m['fill_rate_per_s']:,}/s, default settings: 20 probe rounds/s, "
+        f"{m['fill_snapshots']} fleet snapshots, p99 {m['fill_p99_ms']} ms, "
+        f"{m['not_learned']} not found);\n  VmRSS {m['rss_empty_mib']} MiB -> "
+        f"{m['rss_full_mib']} MiB: {m['table_mib']} MiB ({m['bytes_per_session']} bytes per "
+        "session)"
     )
     r = report["rediscovery"]
     print(
@@ -1001,12 +1017,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         proxy = start_proxy("proxy", ports.proxy, [ports.a, ports.b], work, args.workers)
         warm(ports.proxy, ports)
         progress(f"started; work dir {work}; proxy pid {proxy.pid}, nginx pid {nginx.pid}")
-        targets = {
-            "direct": (ports.a, upstream.pid),
-            "nginx": (ports.nginx, nginx.pid),
-            "proxy": (ports.proxy, proxy.pid),
-        }
-        cells = load_matrix(work, targets, upstream.pid, args.duration, args.rounds)
+        targets = [
+            Target("direct", ports.a, upstream.pid),
+            Target("nginx", ports.nginx, nginx.pid),
+            Target("proxy", ports.proxy, proxy.pid),
+        ]
+        instances = Target("upstream", ports.upstream_status, upstream.pid)
+        cells = load_matrix(work, targets, instances, args.duration, args.rounds)
         report["cells"] = [asdict(c) for c in cells]
         report["ratios"] = ratios(cells)
         stop(proxy)

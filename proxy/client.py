@@ -135,6 +135,8 @@ class _Connection(asyncio.Protocol):
 
     def reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.status = 0
         self.head_size = 0
         self.head_done: asyncio.Future[None] | None = None
         self.body: collections.deque[bytes] = collections.deque()
@@ -194,6 +196,9 @@ class _Connection(asyncio.Protocol):
         self.head_size += len(status)
 
     def on_headers_complete(self) -> None:
+        # Asked now: once the message is complete, llhttp has already reset what it knew.
+        self.keep_alive = self.parser.should_keep_alive()
+        self.status = self.parser.get_status_code()
         if self.head_done is not None and not self.head_done.done():
             self.head_done.set_result(None)
 
@@ -238,9 +243,9 @@ class FastResponse(UpstreamResponse):
         self._conn = conn
         self._read_timeout = read_timeout
         self._released = False
-        self.status = conn.parser.get_status_code()
+        self.status = conn.status
         self.headers = conn.headers
-        self._keep_alive = conn.parser.should_keep_alive() and not head_only
+        self._keep_alive = conn.keep_alive and not head_only
         if head_only:
             conn.complete = True
 
@@ -295,6 +300,34 @@ class FastResponse(UpstreamResponse):
             conn.abort()  # mid-body: the rest must not be read as the next response
 
 
+def _peer_closed(transport: Any) -> bool:
+    """Has the instance closed this idle connection (or sent something unasked)?
+
+    Its FIN may sit in the kernel before the event loop has seen it: a SIGKILLed instance's
+    connections look alive to the pool until then, and a request written on one would fail
+    *after* it was sent, which for a send means "ambiguous" instead of "replay elsewhere". One
+    non-blocking peek settles it before the request is written."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return True
+    if fd < 0:
+        return True
+    probe = socket.socket(fileno=fd)
+    try:
+        probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False  # nothing to read: open and quiet, as an idle connection should be
+    except OSError:
+        return True
+    finally:
+        probe.detach()  # the transport owns the descriptor
+    return True  # end of stream, or bytes nobody asked for: not reusable
+
+
 def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -310,7 +343,11 @@ class _Pool:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()  # the most recently used: least likely to have expired
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_EXPIRY:
+            if (
+                not conn.closed
+                and now - conn.idle_since < KEEPALIVE_EXPIRY
+                and not _peer_closed(conn.transport)
+            ):
                 conn.reset()
                 return conn
             conn.close()
