@@ -6,7 +6,9 @@ The token is compared in constant time.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -100,6 +102,8 @@ def admin_routes(
                 "rediscoveries": router.rediscoveries,
                 "probes": router.discovery.probes,
                 "snapshots": router.discovery.snapshots,
+                "asyncio_tasks": len(asyncio.all_tasks()),
+                "open_fds": _open_fds(),
             }
         )
 
@@ -110,3 +114,10 @@ def admin_routes(
         Route("/_proxy/reconcile", reconcile, methods=["POST"]),
         Route("/_proxy/stats", stats, methods=["GET"]),
     ]
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None

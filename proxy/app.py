@@ -25,7 +25,15 @@ from .admin import admin_routes
 from .client import Timeouts, create_client
 from .config import Settings
 from .discovery import LIST_PATH, Discovery
-from .errors import BodyTooLarge, NoHealthyInstance, ProxyError, SessionNotFound
+from .errors import (
+    BodyTooLarge,
+    ClientTooSlow,
+    HeadersTooLarge,
+    NoHealthyInstance,
+    Overloaded,
+    ProxyError,
+    SessionNotFound,
+)
 from .forward import buffered_body, error_body, relay, request_headers, response_headers
 from .instances import DnsWatcher, HealthChecker, Instance, InstanceSet, Resolver
 from .observe import new_request_id
@@ -80,6 +88,7 @@ class ProxyApp:
         self.started_at = time.time()
         self.shutting_down = False
         self.in_flight = 0
+        self._per_client: dict[str, int] = {}
         self._log_requests = access_log.isEnabledFor(logging.INFO)
         self._tasks: list[asyncio.Task[None]] = []
         self._own = Starlette(
@@ -196,14 +205,19 @@ class ProxyApp:
         method: str = scope["method"]
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        client = scope.get("client")
+        peer = client[0] if client else ""
         session_id: str | None = None
         answer: Attempted | None = None
+        responding = False
         status = 500
         code = ""
         attempts = 0
         outcome = "proxied"
         self.in_flight += 1
+        self._per_client[peer] = self._per_client.get(peer, 0) + 1
         try:
+            self._admit(seen, peer)
             target = self.sessions.classify(method, path)
             session_id = target.session_id
             body = await self._read_body(seen, receive, buffer_all=target.kind is not Kind.PATH)
@@ -215,12 +229,24 @@ class ProxyApp:
                 return
             request = self._outgoing(scope, seen, method, path, body, request_id)
             answer = await self._dispatch(target, session_id, request)
-            status = answer.response.status
-            await self._relay(send, answer, request_id)
+            response = answer.response
+            try:
+                content = answer.body if answer.body is not None else await buffered_body(response)
+            except ProxyError as error:
+                # Nothing went to the client yet: it gets a clean error, the instance a mark.
+                self.instances.record_failure(answer.instance, error.detail)
+                error.attempts = answer.attempts
+                raise
+            headers = response_headers(
+                response, answer.instance.url, request_id.encode("latin-1"), answer.attempts
+            )
+            status = response.status
+            responding = True
+            await relay(send, response, headers, content)
         except ProxyError as error:
             status, code, attempts, outcome = error.status, error.code, error.attempts, "error"
             metrics.ERRORS.labels(code).inc()
-            if answer is not None:
+            if responding:
                 # The answer had started: the client must see it break off, not a second one.
                 raise
             await self._send_error(send, error, request_id, error.attempts)
@@ -228,6 +254,11 @@ class ProxyApp:
             status, code, outcome = 499, "client-closed", "client_closed"
         finally:
             self.in_flight -= 1
+            left = self._per_client[peer] - 1
+            if left:
+                self._per_client[peer] = left
+            else:
+                del self._per_client[peer]
             elapsed = time.perf_counter() - started
             metrics.count_request(outcome, status, elapsed)
             if self._log_requests:
@@ -246,6 +277,19 @@ class ProxyApp:
                         "ms": round(elapsed * 1000, 3),
                     },
                 )
+
+    def _admit(self, seen: _Seen, peer: str) -> None:
+        """Refuse what is too big or too much before any work is done for it."""
+        s = self.settings
+        if seen.header_bytes > s.max_header_bytes:
+            raise HeadersTooLarge(
+                f"the request headers are {seen.header_bytes} bytes; the limit is "
+                f"{s.max_header_bytes}"
+            )
+        if self.in_flight > s.max_in_flight:
+            raise Overloaded("too many requests in flight", retry_after=1)
+        if self._per_client[peer] > s.max_in_flight_per_client:
+            raise Overloaded("too many requests in flight from this client", retry_after=1)
 
     async def _dispatch(
         self, target: Target, session_id: str | None, request: OutgoingRequest
@@ -314,7 +358,13 @@ class ProxyApp:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(self.settings.client_body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise ClientTooSlow(
+                    f"no body bytes for {self.settings.client_body_timeout:g} s"
+                ) from None
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
@@ -326,14 +376,6 @@ class ProxyApp:
                 return b"".join(chunks)
             if size > limit:
                 return StreamedBody(b"".join(chunks), _rest_of_body(receive, size, maximum))
-
-    async def _relay(self, send: Send, answer: Attempted, request_id: str) -> None:
-        response = answer.response
-        headers = response_headers(
-            response, answer.instance.url, request_id.encode("latin-1"), answer.attempts
-        )
-        body = answer.body if answer.body is not None else await buffered_body(response)
-        await relay(send, response, headers, body)
 
     async def _list(self, scope: Scope, send: Send, request_id: str) -> int:
         """The fleet-wide session list: every instance asked with the client's own query."""
@@ -451,9 +493,10 @@ async def _send_json_bytes(send: Send, status: int, body: bytes, request_id: str
 class _Seen:
     """What the proxy needs from the request's headers, found in one pass."""
 
-    __slots__ = ("chunked", "content_length", "idempotency_key", "request_id")
+    __slots__ = ("chunked", "content_length", "header_bytes", "idempotency_key", "request_id")
 
     def __init__(self) -> None:
+        self.header_bytes = 0
         self.request_id: str | None = None
         self.content_length: str | None = None
         self.chunked = False
@@ -462,7 +505,9 @@ class _Seen:
 
 def _scan_headers(headers: list[tuple[bytes, bytes]]) -> _Seen:
     seen = _Seen()
+    size = 0
     for name, value in headers:
+        size += len(name) + len(value) + 4
         if name == b"content-length":
             seen.content_length = value.decode("latin-1")
         elif name == b"x-request-id":
@@ -471,6 +516,7 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]) -> _Seen:
             seen.chunked = True
         elif name == b"idempotency-key":
             seen.idempotency_key = True
+    seen.header_bytes = size
     return seen
 
 

@@ -478,6 +478,9 @@ class HttpxResponse(UpstreamResponse):
         self.headers = list(response.headers.raw)
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        if self._response.is_stream_consumed:  # a transport that answered with bytes in hand
+            yield self._response.content
+            return
         try:
             async for chunk in self._response.aiter_raw():
                 yield chunk

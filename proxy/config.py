@@ -90,6 +90,11 @@ class Settings:
     # Limits
     max_body_size: int = 64 * 1024 * 1024
     replay_body_limit: int = 1024 * 1024
+    max_header_bytes: int = 32 * 1024
+    max_in_flight: int = 4096
+    max_in_flight_per_client: int = 1024
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 30.0
     max_attempts: int = 3
     replay_deadline: float = 15.0
     # Health checking
@@ -292,6 +297,11 @@ _PARSERS: dict[str, Any] = {
     "discovery_timeout": lambda n, v: _float(n, v, 0.001),
     "max_body_size": _size,
     "replay_body_limit": _size,
+    "max_header_bytes": _size,
+    "max_in_flight": lambda n, v: _int(n, v, 1),
+    "max_in_flight_per_client": lambda n, v: _int(n, v, 1),
+    "client_header_timeout": lambda n, v: _float(n, v, 0.1),
+    "client_body_timeout": lambda n, v: _float(n, v, 0.1),
     "max_attempts": lambda n, v: _int(n, v, 1),
     "replay_deadline": lambda n, v: _float(n, v, 0.001),
     "health_interval": lambda n, v: _float(n, v, 0.05),

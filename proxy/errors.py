@@ -52,6 +52,16 @@ class BodyTooLarge(ProxyError):
     message = "the request body is larger than the proxy accepts"
 
 
+class HeadersTooLarge(ProxyError):
+    status, code = 431, "headers-too-large"
+    message = "the request headers are larger than the proxy accepts"
+
+
+class ClientTooSlow(ProxyError):
+    status, code = 408, "client-timeout"
+    message = "the request body did not arrive in time"
+
+
 class Overloaded(ProxyError):
     status, code = 503, "overloaded"
     message = "too many requests in flight"

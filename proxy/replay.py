@@ -253,15 +253,21 @@ class Router:
         deadline = time.monotonic() + self.settings.replay_deadline
         tried: set[str] = set()
         attempts = 0
+        last_error: ProxyError | None = None
         try:
             while True:
-                instance = pick(tried)
+                try:
+                    instance = pick(tried)
+                except NoHealthyInstance:
+                    # Every instance was tried: what went wrong with the last one says more.
+                    raise last_error or NoHealthyInstance() from None
                 tried.add(instance.url)
                 attempts += 1
                 try:
                     answer = await self._attempt(instance, request, attempts, session_aware=False)
                 except ProxyError as error:
                     self._check_replay(request, error, attempts, deadline)
+                    last_error = error
                     continue
                 assert answer is not None
                 return answer

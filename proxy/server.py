@@ -8,6 +8,7 @@ background tasks stop, pools close, and the process exits 0. A second SIGINT for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from .app import ProxyApp, create_app
@@ -32,6 +34,7 @@ def app_factory() -> ProxyApp:
     """Entry point for worker processes: settings come from the environment the CLI prepared."""
     settings = load_settings(os.environ)
     configure_logging(settings.log_format, settings.log_level)
+    GuardedHttpTools.header_timeout = settings.client_header_timeout
     app = create_app(settings)
     _drain_on_signals(app, settings.shutdown_drain)
     return app
@@ -52,6 +55,48 @@ def _drain_on_signals(app: ProxyApp, drain: float) -> None:
             threading.Timer(drain, then, (signum, frame)).start()
 
         signal.signal(sig, handler)
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for the request head.
+
+    uvicorn bounds idle keep-alive connections but not a request whose headers trickle in a
+    byte at a time (slowloris): such a connection is closed after ``header_timeout`` seconds."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.header_timeout, self._headers_too_slow
+        )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if getattr(self, "_header_timer", None) is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        log.info("closing a connection whose request head did not arrive in time")
+        self.transport.close()
 
 
 class ProxyServer(uvicorn.Server):
@@ -87,7 +132,7 @@ def uvicorn_config(settings: Settings, app: ProxyApp | str) -> uvicorn.Config:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpTools,
         lifespan="on",
         access_log=False,
         # The peer address must be the real one: X-Forwarded-For is appended to, not trusted.
@@ -102,6 +147,7 @@ def uvicorn_config(settings: Settings, app: ProxyApp | str) -> uvicorn.Config:
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_format, settings.log_level)
+    GuardedHttpTools.header_timeout = settings.client_header_timeout
     if not settings.instances and not settings.instances_dns:
         log.warning("no instances configured: every proxied request will answer 503")
     log.info(
