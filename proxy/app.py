@@ -36,7 +36,7 @@ from .errors import (
 )
 from .forward import buffered_body, error_body, relay, request_headers, response_headers
 from .instances import DnsWatcher, HealthChecker, Instance, InstanceSet, Resolver
-from .observe import new_request_id
+from .observe import new_request_id, redact
 from .reconcile import Reconciler
 from .replay import Attempted, OutgoingRequest, Router, StreamedBody
 from .sessions import Kind, SessionRouter, Target
@@ -177,7 +177,7 @@ class ProxyApp:
                 "listening": self.store.listening,
                 "writeback_pending": self.store.pending,
                 "queries": self.store.queries.as_dict(),
-                "last_error": self.store.last_error,
+                "last_error": redact(self.store.last_error or "") or None,
             }
             detail["reconcile"] = self.reconciler.status()
         return ready, detail

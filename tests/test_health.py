@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,66 @@ def test_passing_checks_do_not_end_an_ejection_early(fleet: Fleet) -> None:
     sick.set_faults(unhealthy=False)
     time.sleep(0.5)  # several passing checks, but the 1 s back-off is not over
     assert _state(fleet, sick.url)["ejected"] is True
+
+
+def test_a_flapping_instance_is_not_stormed_and_others_keep_serving(tmp_path: Path) -> None:
+    """B goes down and up every second; sessions on A and C must not notice, and B must not
+    receive more than the traffic meant for it."""
+    fleet = start_fleet(
+        tmp_path,
+        sessions_per_instance=3,
+        env={
+            "SESSION_PROXY_HEALTH_INTERVAL": "0.2",
+            "SESSION_PROXY_EJECT_BASE_SECONDS": "1",
+            "SESSION_PROXY_EJECT_MAX_SECONDS": "8",
+        },
+    )
+    b = fleet.instances[1]
+    steady = sorted(s for s, o in fleet.sessions.items() if o is not b)
+    on_b = sorted(s for s, o in fleet.sessions.items() if o is b)
+    outcomes: dict[str, list[int]] = {"steady": [], "on_b": []}
+    stop = time.monotonic() + 8
+    try:
+        before = len([e for e in b.requests() if not e["path"].startswith("/health")])
+        with fleet.client() as client:
+            flips = 0
+            next_flip = time.monotonic() + 1
+            n = 0
+            while time.monotonic() < stop:
+                if time.monotonic() >= next_flip:
+                    if b.alive:
+                        b.kill()
+                    else:
+                        b.restart(sessions=on_b)
+                    flips += 1
+                    next_flip = time.monotonic() + 1
+                sid = steady[n % len(steady)]
+                outcomes["steady"].append(
+                    client.get(
+                        f"/api/sessions/{sid}/status", params={"api_key": API_KEY}
+                    ).status_code
+                )
+                if n % 4 == 0:
+                    sid = on_b[n % len(on_b)]
+                    outcomes["on_b"].append(
+                        client.get(
+                            f"/api/sessions/{sid}/status", params={"api_key": API_KEY}
+                        ).status_code
+                    )
+                n += 1
+                time.sleep(0.02)
+        if not b.alive:
+            b.restart(sessions=on_b)
+        reached_b = len([e for e in b.requests() if not e["path"].startswith("/health")]) - before
+    finally:
+        stop_fleet(fleet)
+    steady_codes = Counter(outcomes["steady"])
+    b_codes = Counter(outcomes["on_b"])
+    print(
+        f"\n{flips} flips of B in 8 s; steady sessions: {dict(steady_codes)}; sessions on B: "
+        f"{dict(b_codes)}; requests that reached B (not health checks): {reached_b} for "
+        f"{len(outcomes['on_b'])} meant for it"
+    )
+    assert set(steady_codes) == {200}
+    # No retry storm: B sees at most its own traffic plus one status probe per lookup of it.
+    assert reached_b <= 2 * len(outcomes["on_b"]) + 5
