@@ -137,6 +137,8 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.status = 0
+        self.informational = False
+        self.until_eof = False
         self.head_size = 0
         self.head_done: asyncio.Future[None] | None = None
         self.body: collections.deque[bytes] = collections.deque()
@@ -174,6 +176,11 @@ class _Connection(asyncio.Protocol):
         self.can_write.set()
         if self.complete:
             return
+        headers_done = self.head_done is not None and self.head_done.done()
+        if headers_done and self.until_eof and exc is None:
+            self.complete = True  # a close-delimited body ends here, complete
+            self._wake()
+            return
         if self.head_done is not None and not self.head_done.done():
             detail = "the instance closed the connection without answering"
             if exc is not None:
@@ -196,9 +203,23 @@ class _Connection(asyncio.Protocol):
         self.head_size += len(status)
 
     def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self.informational = True
+            self.headers = []
+            self.head_size = 0
+            return
         # Asked now: once the message is complete, llhttp has already reset what it knew.
         self.keep_alive = self.parser.should_keep_alive()
-        self.status = self.parser.get_status_code()
+        self.status = status
+        names = {name.lower() for name, _ in self.headers}
+        # Neither a length nor chunks: the body ends when the instance closes the connection.
+        self.until_eof = (
+            b"content-length" not in names
+            and b"transfer-encoding" not in names
+            and status not in (204, 304)
+        )
         if self.head_done is not None and not self.head_done.done():
             self.head_done.set_result(None)
 
@@ -211,6 +232,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
         self.complete = True
         self._wake()
 

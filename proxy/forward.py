@@ -32,8 +32,11 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Replaced by the proxy on the way in: host is the instance's, length is recomputed.
-_REPLACED_IN = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-request-id"})
+# Replaced by the proxy on the way in: host is the instance's, length is recomputed. Expect is
+# answered by the proxy's own server (the body is read before the instance is asked).
+_REPLACED_IN = frozenset(
+    {b"host", b"content-length", b"x-forwarded-for", b"x-request-id", b"expect"}
+)
 _REPLACED_OUT = frozenset({b"x-request-id", b"x-proxy-instance", b"x-proxy-attempts"})
 
 # Responses up to this size are read whole and sent in one message: cheaper than a stream.

@@ -103,6 +103,38 @@ def test_request_smuggling_shapes_are_refused(
         assert reached == []
 
 
+def test_expect_100_continue_is_answered_by_the_proxy(
+    guarded: tuple[Simulator, ProxyProcess],
+) -> None:
+    """curl sends Expect: 100-continue for bodies over 1 KB; the instance must not see it."""
+    sim, proxy = guarded
+    body = b'{"session_id":"s1","api_key":"demo-key","phone_number":"1","message":"%s"}' % (
+        b"x" * 2000
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/messages/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nx-request-id: expect-1\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        interim = sock.recv(4096)
+        sock.sendall(body)
+        final = b""
+        while b"success" not in final:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            final += chunk
+    seen = next(e for e in sim.requests() if e.get("request_id") == "expect-1")
+    print(
+        f"\nExpect: 100-continue: {interim[:25]!r} then {status_of(final)}; the instance saw "
+        f"expect={seen['headers'].get('expect')!r}"
+    )
+    assert interim.startswith(b"HTTP/1.1 100")
+    assert status_of(final) == 200
+    assert "expect" not in seen["headers"]
+
+
 def test_limits_headers_body_concurrency(guarded: tuple[Simulator, ProxyProcess]) -> None:
     _sim, proxy = guarded
     big = httpx.get(
@@ -228,6 +260,15 @@ class BrokenInstance:
                     b"HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/latest/\r\n"
                     b"Content-Length: 0\r\n\r\n"
                 )
+            elif path == "/bad/eof":  # no length, no chunks: the body ends at the close
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
+                writer.close()
+                return
+            elif path == "/bad/continue":  # an interim 100 before the answer
+                writer.write(
+                    b"HTTP/1.1 100 Continue\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+                )
             elif path == "/bad/silent":
                 await asyncio.sleep(3600)
             await writer.drain()
@@ -258,8 +299,11 @@ def test_broken_upstreams_end_in_clear_proxy_errors(tmp_path: Path) -> None:
         "silent": (504, "upstream-timeout"),
     }
     try:
-        # First, while the instance is still in good standing: a redirect is not followed.
+        # First, while the instance is still in good standing: a redirect is not followed, and
+        # answers that are unusual but valid HTTP come through whole.
         redirect = httpx.get(proxy.url + "/bad/redirect", trust_env=False, timeout=10)
+        close_delimited = httpx.get(proxy.url + "/bad/eof", trust_env=False, timeout=10)
+        interim = httpx.get(proxy.url + "/bad/continue", trust_env=False, timeout=10)
         results = {}
         for mode in expected:
             r = httpx.post(proxy.url + f"/bad/{mode}", content=b"{}", trust_env=False, timeout=10)
@@ -278,6 +322,8 @@ def test_broken_upstreams_end_in_clear_proxy_errors(tmp_path: Path) -> None:
         f"ejected={instances[0]['ejected']}, last error {instances[0]['last_error']!r}"
     )
     assert results == expected
+    assert (close_delimited.status_code, close_delimited.text) == (200, "all of it")
+    assert (interim.status_code, interim.text) == (200, "final")
     assert redirect.status_code == 302  # passed on as the instance said it, never followed
     assert redirect.headers["location"] == "http://169.254.169.254/latest/"
     assert broken.seen["/bad/redirect"] == 1 and broken.seen["/latest/"] == 0
