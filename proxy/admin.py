@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import uuid
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,16 +38,25 @@ def admin_routes(
         given = request.headers.get("authorization", "").encode("latin-1", "replace")
         return hmac.compare_digest(given, expected)
 
-    def refused() -> Response:
+    def refused(request: Request) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         return JSONResponse(
-            {"error": "a valid admin bearer token is required", "code": "unauthorized"},
+            {
+                "error": "a valid admin bearer token is required",
+                "code": "unauthorized",
+                "request_id": request_id,
+            },
             status_code=401,
-            headers={"www-authenticate": 'Bearer realm="session-proxy"'},
+            headers={
+                "www-authenticate": 'Bearer realm="session-proxy"',
+                "x-proxy-error": "unauthorized",
+                "x-request-id": request_id,
+            },
         )
 
     async def routes(request: Request) -> Response:
         if not authorised(request):
-            return refused()
+            return refused(request)
         try:
             limit = min(MAX_PAGE, max(1, int(request.query_params.get("limit", "100"))))
         except ValueError:
@@ -65,7 +75,7 @@ def admin_routes(
 
     async def route(request: Request) -> Response:
         if not authorised(request):
-            return refused()
+            return refused(request)
         session_id = request.path_params["session_id"]
         if request.method == "DELETE":
             forgotten = await table.forget(session_id)
@@ -79,12 +89,12 @@ def admin_routes(
 
     async def instance_list(request: Request) -> Response:
         if not authorised(request):
-            return refused()
+            return refused(request)
         return JSONResponse({"instances": [i.snapshot() for i in instances.all]})
 
     async def reconcile(request: Request) -> Response:
         if not authorised(request):
-            return refused()
+            return refused(request)
         dry_run = request.query_params.get("dry_run", "0").lower() in ("1", "true", "yes")
         report = await reconciler.run_once(dry_run=dry_run)
         status = 409 if report.skipped and "another replica" in report.skipped else 200
@@ -94,7 +104,7 @@ def admin_routes(
 
     async def stats(request: Request) -> Response:
         if not authorised(request):
-            return refused()
+            return refused(request)
         return JSONResponse(
             {
                 "table_hits": table.hits,

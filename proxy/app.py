@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -101,6 +102,7 @@ class ProxyApp:
                 ),
             ],
             lifespan=self._lifespan,
+            exception_handlers={HTTPException: _own_error},
         )
 
     # --- ASGI ------------------------------------------------------------------------------------
@@ -530,6 +532,19 @@ def _json_object(body: bytes | None) -> dict[str, Any] | None:
 
 def body_text(body: bytes | None) -> str:
     return (body or b"").decode("utf-8", "replace")[:200]
+
+
+async def _own_error(request: Request, exc: Exception) -> Response:
+    """The proxy's own endpoints answer errors in the same JSON shape as the proxy does."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    code = {404: "unknown-route", 405: "method-not-allowed"}.get(status, "proxy-error")
+    request_id = request.headers.get("x-request-id") or new_request_id()
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+    return JSONResponse(
+        {"error": detail, "code": code, "request_id": request_id},
+        status_code=status,
+        headers={"x-proxy-error": code, "x-request-id": request_id},
+    )
 
 
 def create_app(

@@ -197,6 +197,7 @@ def test_without_a_token_the_admin_paths_do_not_exist(tmp_path: Path) -> None:
         for path in ("/_proxy/routes", "/_proxy/instances", "/_proxy/routes/x"):
             r = httpx.get(fleet.proxy.url + path, headers={"authorization": "Bearer x"})
             assert r.status_code == 404
+            assert r.json()["code"] == r.headers["x-proxy-error"] == "unknown-route"
         # ...and nothing was forwarded to an instance for them.
         assert not [e for s in fleet.instances for e in s.requests() if "_proxy" in e["path"]]
     finally:
