@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -116,7 +116,6 @@ class Settings:
     log_level: str = "info"
     shutdown_drain: float = 3.0
     shutdown_grace: float = 20.0
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     def timeout_for(self, path: str) -> float:
         best = RouteTimeout("", 35.0)
@@ -124,10 +123,6 @@ class Settings:
             if path.startswith(rt.prefix) and len(rt.prefix) > len(best.prefix):
                 best = rt
         return best.seconds
-
-    @property
-    def env_names(self) -> dict[str, str]:
-        return {f.name: ENV_PREFIX + f.name.upper() for f in fields(self) if f.name != "extra"}
 
 
 # --- parsing -------------------------------------------------------------------------------------

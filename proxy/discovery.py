@@ -196,16 +196,15 @@ class Discovery:
         self._snapshot = Snapshot(taken_at, holders, len(failed))
         return self._snapshot
 
-    async def inventory(self, api_key_query: str | None = None) -> Inventory:
+    async def inventory(self) -> Inventory:
         """Every available instance's session list, fetched in parallel."""
         started = time.monotonic()
         inventory = Inventory()
-        query = self._key_query if api_key_query is None else api_key_query
 
         async def fetch(instance: Instance) -> None:
             try:
                 status, body = await self._client.get_json(
-                    instance.url, LIST_PATH + query, self._timeouts
+                    instance.url, LIST_PATH + self._key_query, self._timeouts
                 )
             except ProxyError as exc:
                 inventory.failed[instance.url] = exc.detail

@@ -38,6 +38,8 @@ _REPLACED_IN = frozenset(
     {b"host", b"content-length", b"x-forwarded-for", b"x-request-id", b"expect"}
 )
 _REPLACED_OUT = frozenset({b"x-request-id", b"x-proxy-instance", b"x-proxy-attempts"})
+_DROPPED_IN = HOP_BY_HOP | _REPLACED_IN
+_DROPPED_OUT = HOP_BY_HOP | _REPLACED_OUT
 
 # Responses up to this size are read whole and sent in one message: cheaper than a stream.
 BUFFER_RESPONSE_LIMIT = 256 * 1024
@@ -60,7 +62,8 @@ def request_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The headers to send to the instance for this client request."""
     incoming: list[tuple[bytes, bytes]] = scope["headers"]
-    dropped = HOP_BY_HOP | _REPLACED_IN | _connection_tokens(incoming)
+    named = _connection_tokens(incoming)
+    dropped = _DROPPED_IN | named if named else _DROPPED_IN
     out = [(b"host", host)]
     forwarded_for = b""
     client_host = b""
@@ -90,7 +93,8 @@ def response_headers(
     response: UpstreamResponse, instance_url: str, request_id: bytes, attempts: int
 ) -> list[tuple[bytes, bytes]]:
     raw = [(n.lower(), v) for n, v in response.headers]
-    dropped = HOP_BY_HOP | _REPLACED_OUT | _connection_tokens(raw)
+    named = _connection_tokens(raw)
+    dropped = _DROPPED_OUT | named if named else _DROPPED_OUT
     out = [(n, v) for n, v in raw if n not in dropped]
     out.append((b"x-request-id", request_id))
     out.append((b"x-proxy-instance", instance_url.encode("latin-1")))

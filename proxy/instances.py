@@ -33,7 +33,6 @@ class Instance:
     url: str  # normalised scheme://host:port, the only address ever contacted
     aliases: tuple[str, ...] = ()  # the strings a database may hold for it, preferred first
     healthy: bool = True
-    checked: bool = False  # at least one active check has finished
     sessions: int = 0  # as reported by its last /health, plus placements since
     consecutive_failures: int = 0
     ejections_in_a_row: int = 0
@@ -73,6 +72,9 @@ class Instance:
             "ejections_in_a_row": self.ejections_in_a_row,
             "ejected_for_seconds": max(0.0, round(self.ejected_until - now, 3)),
             "last_error": self.last_error,
+            "last_check_seconds_ago": (
+                round(now - self.last_check_at, 3) if self.last_check_at else None
+            ),
         }
 
 
@@ -92,13 +94,12 @@ def alias_key(value: str) -> str | None:
 
 
 class InstanceSet:
-    def __init__(self, settings: Settings, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._configured_aliases = settings.instance_aliases
         self._by_url: dict[str, Instance] = {}
         self._by_alias: dict[str, Instance] = {}
         self._rotation = itertools.count()
-        self._on_change = on_change
         self.replace(settings.instances)
 
     # --- membership ------------------------------------------------------------------------------
@@ -114,8 +115,6 @@ class InstanceSet:
         for url in removed:
             metrics.INSTANCE_HEALTHY.remove(url)
         self._reindex()
-        if (added or removed) and self._on_change is not None:
-            self._on_change()
         return added, removed
 
     def sync_dynamic(self, urls: Iterable[str]) -> tuple[list[Instance], list[Instance]]:
@@ -141,8 +140,6 @@ class InstanceSet:
                 drained.append(instance)
         if added or drained:
             self._reindex()
-            if self._on_change is not None:
-                self._on_change()
         return added, drained
 
     def remove(self, instance: Instance) -> None:
@@ -241,13 +238,10 @@ class InstanceSet:
             "instance ejected",
             extra={"instance": instance.url, "reason": reason, "backoff_seconds": backoff},
         )
-        if self._on_change is not None:
-            self._on_change()
 
     def apply_check(self, instance: Instance, ok: bool, sessions: int | None, error: str) -> None:
         """The result of one active check."""
         now = time.monotonic()
-        instance.checked = True
         instance.last_check_at = now
         if sessions is not None:
             instance.sessions = sessions
@@ -261,8 +255,6 @@ class InstanceSet:
             instance.healthy = True
             metrics.INSTANCE_HEALTHY.labels(instance.url).set(1)
             log.info("instance restored", extra={"instance": instance.url})
-            if self._on_change is not None:
-                self._on_change()
         elif instance.healthy and now >= instance.ejected_until + self._settings.eject_max_seconds:
             instance.ejections_in_a_row = 0  # stable long enough: the next ejection starts short
 

@@ -196,10 +196,6 @@ class Store:
 
     # --- lookups ---------------------------------------------------------------------------------
 
-    def pending_owner(self, session_id: str) -> str | None:
-        """A move not written yet: newer than the row."""
-        return self._pending.get(session_id)
-
     async def owner(self, session_id: str) -> str | None:
         """The stored owner (as the database spells it) of an active row, or None."""
         pending = self._pending.get(session_id)
