@@ -359,6 +359,12 @@ def load_settings(
 
 
 def _check(s: Settings) -> None:
+    tls = [u for u in s.instances if u.startswith("https://")]
+    if tls and s.upstream_client == "fast":
+        raise ConfigError(
+            f"{ENV_PREFIX}INSTANCES: {tls[0]} is https://, which the default upstream client does "
+            f"not speak; use http:// instances or {ENV_PREFIX}UPSTREAM_CLIENT=httpx"
+        )
     if s.replay_body_limit > s.max_body_size:
         raise ConfigError(
             f"{ENV_PREFIX}REPLAY_BODY_LIMIT={s.replay_body_limit} is larger than "

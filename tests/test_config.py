@@ -87,3 +87,15 @@ def test_the_cli_reports_a_bad_setting_and_exits_2(capsys: pytest.CaptureFixture
 
     assert main(["serve", "--port", "nope"]) == 2
     assert "SESSION_PROXY_PORT='nope'" in capsys.readouterr().err
+
+
+def test_https_instances_need_the_httpx_client() -> None:
+    with pytest.raises(ConfigError, match="UPSTREAM_CLIENT=httpx"):
+        load_settings({"SESSION_PROXY_INSTANCES": "https://10.0.0.1:3001"})
+    settings = load_settings(
+        {
+            "SESSION_PROXY_INSTANCES": "https://10.0.0.1:3001",
+            "SESSION_PROXY_UPSTREAM_CLIENT": "httpx",
+        }
+    )
+    assert settings.instances == ("https://10.0.0.1:3001",)
