@@ -71,7 +71,7 @@ def _static_ids(index: int) -> list[str]:
 
 
 def _body(sid: str, text: str) -> dict[str, str]:
-    return {"session_id": sid, "api_key": API_KEY, "phone_number": "628100", "message": text}
+    return {"session_id": sid, "api_key": API_KEY, "recipient_phone": "628100", "message": text}
 
 
 def _timed_send(

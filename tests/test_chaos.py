@@ -114,7 +114,7 @@ async def _one(client: httpx.AsyncClient, kind: str, sid: str, n: int, tally: Ta
     else:
         if kind == "send+key":
             headers["idempotency-key"] = rid
-        body = {"session_id": sid, "api_key": API_KEY, "phone_number": "628100", "message": rid}
+        body = {"session_id": sid, "api_key": API_KEY, "recipient_phone": "628100", "message": rid}
         r = await client.post("/api/messages/send", json=body, headers=headers)
     if r.status_code == 200:
         tally.ok[kind] += 1

@@ -38,7 +38,7 @@ def quiet_fleet(tmp_path: Path) -> Iterator[Fleet]:
 def _send(client: httpx.Client, sid: str, text: str, **headers: str) -> httpx.Response:
     return client.post(
         "/api/messages/send",
-        json={"session_id": sid, "api_key": API_KEY, "phone_number": "628100", "message": text},
+        json={"session_id": sid, "api_key": API_KEY, "recipient_phone": "628100", "message": text},
         headers=headers,
     )
 
@@ -202,7 +202,7 @@ def test_a_post_cut_off_by_a_reset_is_ambiguous(hop_fleet: tuple[Simulator, ...]
             json={
                 "session_id": "sess_on_a",
                 "api_key": API_KEY,
-                "phone_number": "1",
+                "recipient_phone": "1",
                 "message": "m",
             },
             headers={"x-request-id": "reset-post"},
@@ -227,7 +227,7 @@ def test_a_post_that_gets_no_answer_in_time_is_a_timeout_not_a_replay(
             json={
                 "session_id": "sess_on_a",
                 "api_key": API_KEY,
-                "phone_number": "1",
+                "recipient_phone": "1",
                 "message": "m",
             },
         )
@@ -240,7 +240,7 @@ def test_a_post_that_gets_no_answer_in_time_is_a_timeout_not_a_replay(
 def test_a_streamed_body_is_never_replayed(hop_fleet: tuple[Simulator, ...]) -> None:
     """PUT is idempotent, but a body over the replay buffer is gone once sent."""
     _a, b, hop, proxy = hop_fleet  # type: ignore[misc]
-    big = {"api_key": API_KEY, "metadata": {"blob": "x" * (2 * 1024 * 1024)}}
+    big = {"api_key": API_KEY, "updates": {"blob": "x" * (2 * 1024 * 1024)}}
     with _client(proxy) as client:
         assert client.get("/api/sessions/sess_on_a/status", params={"api_key": API_KEY}).is_success
         b.add_session("sess_on_a")

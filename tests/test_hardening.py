@@ -108,7 +108,7 @@ def test_expect_100_continue_is_answered_by_the_proxy(
 ) -> None:
     """curl sends Expect: 100-continue for bodies over 1 KB; the instance must not see it."""
     sim, proxy = guarded
-    body = b'{"session_id":"s1","api_key":"demo-key","phone_number":"1","message":"%s"}' % (
+    body = b'{"session_id":"s1","api_key":"demo-key","recipient_phone":"1","message":"%s"}' % (
         b"x" * 2000
     )
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
@@ -159,7 +159,7 @@ def test_limits_headers_body_concurrency(guarded: tuple[Simulator, ProxyProcess]
     assert took < 1.0
 
     async def burst() -> Counter[tuple[int, str]]:
-        body = {"session_id": "s1", "api_key": API_KEY, "phone_number": "1", "message": "m"}
+        body = {"session_id": "s1", "api_key": API_KEY, "recipient_phone": "1", "message": "m"}
         async with httpx.AsyncClient(base_url=proxy.url, trust_env=False, timeout=30) as client:
             responses = await asyncio.gather(
                 *(client.post("/api/messages/send", json=body) for _ in range(12))

@@ -55,7 +55,7 @@ def test_metrics_describe_a_failover(ops_fleet: Fleet) -> None:
     fleet = ops_fleet
     dead, heir = fleet.instances[0], fleet.instances[1]
     sid = sorted(s for s, o in fleet.sessions.items() if o is dead)[0]
-    body = {"session_id": sid, "api_key": API_KEY, "phone_number": "1", "message": "m"}
+    body = {"session_id": sid, "api_key": API_KEY, "recipient_phone": "1", "message": "m"}
     with fleet.client() as client:
         for _ in range(5):
             assert client.post("/api/messages/send", json=body).status_code == 200
@@ -126,7 +126,7 @@ async def _secret_traffic(url: str, count: int) -> dict[int, int]:
                         json={
                             "session_id": "logged1",
                             "api_key": SECRET,
-                            "phone_number": "1",
+                            "recipient_phone": "1",
                             "message": "x",
                         },
                     )
@@ -232,7 +232,7 @@ def test_sigterm_with_fifty_slow_requests_in_flight(tmp_path: Path, workers: str
 
 
 async def _sigterm_under_load(proxy: ProxyProcess) -> dict[str, object]:
-    body = {"session_id": "slow1", "api_key": API_KEY, "phone_number": "1", "message": "m"}
+    body = {"session_id": "slow1", "api_key": API_KEY, "recipient_phone": "1", "message": "m"}
     limits = httpx.Limits(max_connections=100)
     async with httpx.AsyncClient(
         base_url=proxy.url, trust_env=False, timeout=30, limits=limits

@@ -142,7 +142,12 @@ def test_steady_state_costs_zero_queries_per_request(db_fleet: DbFleet) -> None:
             sid = sessions[n % len(sessions)]
             r = client.post(
                 "/api/messages/send",
-                json={"session_id": sid, "api_key": API_KEY, "phone_number": "1", "message": "m"},
+                json={
+                    "session_id": sid,
+                    "api_key": API_KEY,
+                    "recipient_phone": "1",
+                    "message": "m",
+                },
             )
             assert r.status_code == 200
         after = readiness(proxy)["database"]["queries"]

@@ -1,10 +1,16 @@
-"""The simulator must answer like a real instance, since every proxy test trusts it to."""
+"""The simulator must answer like a real instance, since every proxy test trusts it to.
+
+These run the simulator in process (ASGI); ``test_contract_table.py`` holds a real process to
+the measured answers route by route, and ``test_simulator_processes.py`` covers what needs one
+(the start-up restore, the crash when a route timeout fires).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -15,31 +21,68 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from proxy.simulator import SimulatorConfig, create_app, main
+from proxy.simulator import SimulatorConfig, _route_timeout, create_app, main
 
 KEY = "test-key"
 SID = "webjs_7_1732800000_abcd1234"
 ROOT = Path(__file__).resolve().parent.parent
+MESSAGE_ID = re.compile(r"true_(.+)@c\.us_[0-9A-F]{20}")
 
 
 def make_app(**overrides: Any) -> Starlette:
-    config = SimulatorConfig(name="sim-a", api_key=KEY, connect_delay=0.05, sessions=(SID,))
+    config = SimulatorConfig(
+        name="sim-a", api_key=KEY, connect_delay=0.05, sessions=(SID,), bulk_interval=0.0
+    )
     for name, value in overrides.items():
         setattr(config, name, value)
-    return create_app(config)
+    app = create_app(config)
+    crashes: list[int] = []
+    # In process, a crash must fail the test, not end pytest.
+    app.state.simulator.exit = crashes.append
+    app.state.crashes = crashes
+    return app
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=make_app())
+    app = make_app()
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://sim") as c:
         yield c
+    assert app.state.crashes == []
 
 
 def send_body(session_id: str = SID, **extra: Any) -> dict[str, Any]:
-    body = {"api_key": KEY, "session_id": session_id, "phone_number": "6281234", "message": "hi"}
+    body = {
+        "api_key": KEY,
+        "session_id": session_id,
+        "workspace_id": 7,
+        "recipient_phone": "6281234",
+        "message": "hi",
+        "type": "text",
+    }
     body.update(extra)
     return body
+
+
+async def create(c: httpx.AsyncClient, sid: str, **extra: Any) -> httpx.Response:
+    return await c.post("/api/sessions", json={"api_key": KEY, "session_id": sid, **extra})
+
+
+async def status_of(c: httpx.AsyncClient, sid: str) -> httpx.Response:
+    return await c.get(f"/api/sessions/{sid}/status", params={"api_key": KEY})
+
+
+async def wait_connected(c: httpx.AsyncClient, sid: str) -> None:
+    deadline = time.monotonic() + 2.0
+    while (await status_of(c, sid)).json().get("status") != "connected":
+        assert time.monotonic() < deadline, f"{sid} never connected"
+        await asyncio.sleep(0.01)
+
+
+async def events(c: httpx.AsyncClient, kind: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = (await c.get("/_sim/events")).json()["events"]
+    return [e for e in found if e["event"] == kind]
 
 
 # ---- api_key rules -------------------------------------------------------------------------
@@ -50,6 +93,7 @@ async def test_get_takes_the_key_from_the_query_only(client: httpx.AsyncClient) 
     for response in (
         await client.get("/api/sessions"),
         await client.get("/api/sessions", params={"api_key": "wrong"}),
+        await client.get("/api/sessions", params=[("api_key", KEY), ("api_key", KEY)]),
         await client.get("/api/sessions", headers={"X-API-Key": KEY}),
         await client.get("/api/sessions", headers={"Authorization": f"Bearer {KEY}"}),
     ):
@@ -58,8 +102,7 @@ async def test_get_takes_the_key_from_the_query_only(client: httpx.AsyncClient) 
 
 
 async def test_post_takes_the_key_from_the_body_only(client: httpx.AsyncClient) -> None:
-    ok = await client.post("/api/sessions", json={"api_key": KEY, "session_id": "s1"})
-    assert ok.status_code == 200
+    assert (await create(client, "s1")).status_code == 200
     in_query = await client.post(
         "/api/sessions", params={"api_key": KEY}, json={"session_id": "s2"}
     )
@@ -67,21 +110,51 @@ async def test_post_takes_the_key_from_the_body_only(client: httpx.AsyncClient) 
         "/api/sessions", headers={"X-API-Key": KEY}, json={"session_id": "s3"}
     )
     wrong = await client.post("/api/sessions", json={"api_key": "nope", "session_id": "s4"})
-    for response in (in_query, in_header, wrong):
+    no_body = await client.post(f"/api/sessions/{SID}/restore")
+    in_query_delete = await client.request(
+        "DELETE", f"/api/sessions/{SID}", params={"api_key": KEY}
+    )
+    for response in (in_query, in_header, wrong, no_body, in_query_delete):
         assert response.status_code == 401
         assert response.json() == {"error": "Invalid API key"}
 
 
-async def test_key_is_checked_before_routing_under_api(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/api/whatever")).status_code == 401
-    assert (await client.get("/api/sessions/nope/status")).status_code == 401
-    assert (await client.get("/api/whatever", params={"api_key": KEY})).status_code == 404
+async def test_the_key_comes_before_every_other_check(client: httpx.AsyncClient) -> None:
+    bad = {"api_key": "bad"}
+    for method, path, body in (
+        ("POST", "/api/messages/send", {"workspace_id": 1, **bad}),
+        ("POST", "/api/messages/bulk-send", bad),
+        ("PUT", f"/api/sessions/{SID}/metadata", {"updates": "x", **bad}),
+        ("POST", "/api/sessions/nope/reconnect", bad),
+    ):
+        response = await client.request(method, path, json=body)
+        assert (response.status_code, response.json()) == (401, {"error": "Invalid API key"})
+    response = await client.get(f"/api/messages/{SID}/status")  # no key and no message_id
+    assert response.status_code == 401
 
 
-async def test_health_and_info_need_no_key(client: httpx.AsyncClient) -> None:
-    for path in ("/", "/info", "/health", "/health/ready", "/health/live", "/health/detailed"):
-        assert (await client.get(path)).status_code == 200, path
-    assert (await client.get("/health/metrics")).status_code == 200
+async def test_unknown_routes_are_404_whatever_the_key(client: httpx.AsyncClient) -> None:
+    # No middleware checks the key: each handler does, so an unknown route never gets a 401.
+    for path in ("/api/whatever", "/api/whatever?api_key=x", "/sessions/x/status"):
+        response = await client.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"] == "Endpoint not found"
+
+
+async def test_open_routes_need_no_key(client: httpx.AsyncClient) -> None:
+    for path, status in (
+        ("/", 200),
+        ("/health", 200),
+        ("/health/detailed", 200),
+        ("/health/metrics", 200),
+        ("/health/ready", 503),  # no Laravel URL configured
+        ("/health/live", 503),  # never alive, for real
+        ("/info", 500),  # a missing package.json, for real
+        (f"/api/internal/sessions/{SID}/last-activity?api_key=bad", 200),
+        ("/cleanup/stats", 200),
+        ("/remoteauth/health", 200),
+    ):
+        assert (await client.get(path)).status_code == status, path
 
 
 # ---- shapes --------------------------------------------------------------------------------
@@ -92,221 +165,530 @@ async def test_health_shape_and_express_headers(client: httpx.AsyncClient) -> No
     assert response.headers["content-type"] == "application/json; charset=utf-8"
     assert response.headers["x-powered-by"] == "Express"
     body = response.json()
+    assert set(body) == {"status", "uptime", "sessions", "memory", "timestamp"}
     assert body["status"] == "healthy"
-    assert body["instance"] == "sim-a"
     assert body["sessions"] == {"total": 1, "connected": 1, "disconnected": 0}
-    assert body["memory"]["rss"] > 0
+    assert set(body["memory"]) == {"used", "total", "unit"}
+    assert body["memory"]["unit"] == "MB"
     assert body["uptime"] >= 0
     assert body["timestamp"].endswith("Z")
 
 
+async def test_ready_follows_the_laravel_configuration() -> None:
+    app = make_app(laravel_url="http://127.0.0.1:9")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c:
+        ready = await c.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {
+        "laravel_configured": True,
+        "api_key_configured": True,
+        "active_sessions": True,
+        "session_count": 1,
+    }
+
+
 async def test_status_and_list_shapes(client: httpx.AsyncClient) -> None:
-    status = await client.get(f"/api/sessions/{SID}/status", params={"api_key": KEY})
+    status = await status_of(client, SID)
     assert status.status_code == 200
     body = status.json()
-    assert set(body) == {
+    assert list(body) == [
         "session_id",
         "status",
         "phone_number",
         "workspace_id",
         "connected_at",
         "last_activity",
-    }
-    assert body["session_id"] == SID
-    assert body["status"] == "connected"
-    assert body["workspace_id"] == 7
-    assert body["phone_number"]
+    ]
+    assert (body["session_id"], body["status"], body["workspace_id"]) == (SID, "connected", 7)
+    assert re.fullmatch(r"628\d{9}", body["phone_number"])
 
     listing = (await client.get("/api/sessions", params={"api_key": KEY})).json()
-    assert listing["success"] is True
-    assert listing["total"] == 1
-    assert listing["sessions"] == [
-        {
-            "session_id": SID,
-            "workspace_id": 7,
-            "status": "connected",
-            "phone_number": body["phone_number"],
-            "connected_at": body["connected_at"],
-        }
+    assert listing == {
+        "success": True,
+        "sessions": [
+            {
+                "session_id": SID,
+                "workspace_id": 7,
+                "status": "connected",
+                "phone_number": body["phone_number"],
+                "connected_at": body["connected_at"],
+            }
+        ],
+        "total": 1,
+    }
+
+
+async def test_undefined_keys_are_left_out(client: httpx.AsyncClient) -> None:
+    # No workspace_id in the create: none in the answers; not connected yet: no connected_at.
+    await client.post("/_sim/faults", json={"connect_delay": 60})
+    assert (await create(client, "s1")).json() == {
+        "success": True,
+        "session_id": "s1",
+        "status": "qr_scanning",
+    }
+    body = (await status_of(client, "s1")).json()
+    assert set(body) == {"session_id", "status", "phone_number", "last_activity"}
+    assert body["phone_number"] is None
+
+    nameless = await client.post("/api/sessions", json={"api_key": KEY, "workspace_id": 5})
+    assert nameless.json() == {"success": True, "status": "qr_scanning"}
+    listing = (await client.get("/api/sessions", params={"api_key": KEY})).json()
+    assert listing["total"] == 3
+    assert listing["sessions"][2] == {
+        "workspace_id": 5,
+        "status": "qr_scanning",
+        "phone_number": None,
+    }
+
+
+async def test_unknown_route_shape(client: httpx.AsyncClient) -> None:
+    for method, path in (
+        ("GET", f"/api/sessions/{SID}"),
+        ("GET", f"/api/sessions/{SID}/nonexistent"),
+        ("GET", "/api/messages/send"),
+        ("POST", "/api/unknown"),
+        ("DELETE", "/cleanup/x"),
+        ("GET", "/nowhere"),
+    ):
+        response = await client.request(method, path)
+        assert response.status_code == 404, path
+        body = response.json()
+        assert list(body) == ["error", "path", "method", "available_endpoints", "timestamp"]
+        assert (body["error"], body["path"], body["method"]) == ("Endpoint not found", path, method)
+        assert len(body["available_endpoints"]) == 9
+    # The original URL, query and key included.
+    echoed = await client.get("/api/unknown", params={"api_key": KEY, "x": "1"})
+    assert echoed.json()["path"] == f"/api/unknown?api_key={KEY}&x=1"
+
+
+async def test_session_not_found_routes(client: httpx.AsyncClient) -> None:
+    key = {"api_key": KEY}
+    for path in ("/api/sessions/nope/status", "/api/sessions/nope/metadata"):
+        response = await client.get(path, params=key)
+        assert (response.status_code, response.json()) == (404, {"error": "Session not found"})
+    message = await client.get("/api/messages/nope/status", params={**key, "message_id": "x"})
+    assert (message.status_code, message.json()) == (404, {"error": "Session not found"})
+    validate = await client.get("/api/messages/nope/validate", params=key)
+    assert (validate.status_code, validate.json()) == (
+        404,
+        {"success": False, "error": "Session not found", "can_send": False},
+    )
+    for path in ("/api/messages/send", "/api/messages/send-media"):
+        response = await client.post(path, json=send_body("nope", media_url="http://x/y.png"))
+        assert (response.status_code, response.json()) == (404, {"error": "Session not found"})
+
+
+# ---- routes that do not reveal a stale owner ---------------------------------------------------
+
+
+async def test_put_metadata_on_a_session_not_held_loses_the_write(
+    client: httpx.AsyncClient,
+) -> None:
+    put = await client.put(
+        "/api/sessions/nope/metadata", json={"api_key": KEY, "updates": {"plan": "pro"}}
+    )
+    assert (put.status_code, put.json()) == (
+        200,
+        {"success": True, "session_id": "nope", "metadata": None},
+    )
+    assert (await status_of(client, "nope")).status_code == 404
+    # The object check comes first, held or not.
+    for updates in ("x", None, 5, False):
+        bad = await client.put(
+            "/api/sessions/nope/metadata", json={"api_key": KEY, "updates": updates}
+        )
+        assert (bad.status_code, bad.json()) == (400, {"error": "Invalid updates object"})
+    legacy = await client.put(
+        f"/api/sessions/{SID}/metadata", json={"api_key": KEY, "metadata": {"a": 1}}
+    )
+    assert (legacy.status_code, legacy.json()) == (400, {"error": "Invalid updates object"})
+
+
+async def test_put_metadata_merges_and_may_overwrite_the_status(
+    client: httpx.AsyncClient,
+) -> None:
+    got = (await client.get(f"/api/sessions/{SID}/metadata", params={"api_key": KEY})).json()
+    assert list(got["metadata"]) == [
+        "workspaceId",
+        "status",
+        "createdAt",
+        "phoneNumber",
+        "lastActivity",
+        "performanceStart",
+        "qrCode",
+        "qrGeneratedAt",
+        "qrCount",
+        "authenticatedAt",
+        "platform",
+        "connectedAt",
+        "phoneExtractionMethod",
+    ]  # no accountId: this session was not created with one
+    put = await client.put(
+        f"/api/sessions/{SID}/metadata", json={"api_key": KEY, "updates": {"plan": "pro"}}
+    )
+    assert put.json()["metadata"] == {**got["metadata"], "plan": "pro"}
+    arrayed = await client.put(
+        f"/api/sessions/{SID}/metadata", json={"api_key": KEY, "updates": ["z"]}
+    )
+    assert arrayed.json()["metadata"]["0"] == "z"
+
+    await client.put(
+        f"/api/sessions/{SID}/metadata", json={"api_key": KEY, "updates": {"status": "error"}}
+    )
+    assert (await status_of(client, SID)).json()["status"] == "error"
+    refused = await client.post("/api/messages/send", json=send_body())
+    assert refused.json() == {"error": "Session not connected. Please check session status."}
+
+
+async def test_reconnect_and_regenerate_qr_start_the_session_here(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"api_key": KEY, "workspace_id": 2, "account_id": 21}
+    reconnect = await client.post("/api/sessions/elsewhere1/reconnect", json=body)
+    assert (reconnect.status_code, reconnect.json()) == (
+        200,
+        {"success": True, "session_id": "elsewhere1", "status": "qr_scanning"},
+    )
+    regenerate = await client.post("/api/sessions/elsewhere2/regenerate-qr", json=body)
+    assert (regenerate.status_code, regenerate.json()) == (200, {"expires_in": 300})
+    for sid in ("elsewhere1", "elsewhere2"):
+        await wait_connected(client, sid)
+        meta = (await client.get(f"/api/sessions/{sid}/metadata", params={"api_key": KEY})).json()
+        assert (meta["metadata"]["workspaceId"], meta["metadata"]["accountId"]) == (2, 21)
+    started = await events(client, "session_started")
+    assert [(e["session_id"], e["via"]) for e in started] == [
+        ("elsewhere1", "reconnect"),
+        ("elsewhere2", "regenerate-qr"),
     ]
 
 
-async def test_session_not_found_differs_from_endpoint_not_found(
+async def test_reconnect_of_a_held_session_disconnects_then_creates(
     client: httpx.AsyncClient,
 ) -> None:
-    key = {"api_key": KEY}
-    missing = await client.get("/api/sessions/nope/status", params=key)
-    assert missing.status_code == 404
-    assert missing.json() == {"error": "Session not found"}
-
-    for method, path in (
-        ("GET", "/api/sessions/nope/nonexistent"),
-        ("GET", f"/api/sessions/{SID}/nonexistent"),
-        ("GET", f"/api/sessions/{SID}"),
-        ("GET", "/api/messages/send"),
-        ("GET", "/nowhere"),
-    ):
-        response = await client.request(method, path, params=key)
-        assert response.status_code == 404, path
-        assert response.json() == {"error": "Endpoint not found", "path": path, "method": method}
-
-    for path in (
-        f"/api/messages/nope/status?message_id=x&api_key={KEY}",
-        f"/api/messages/nope/validate?api_key={KEY}",
-        f"/api/internal/sessions/nope/last-activity?api_key={KEY}",
-        f"/api/sessions/nope/metadata?api_key={KEY}",
-    ):
-        response = await client.get(path)
-        assert (response.status_code, response.json()) == (404, {"error": "Session not found"})
-    for path in ("restore", "reconnect", "regenerate-qr"):
-        response = await client.post(f"/api/sessions/nope/{path}", json={"api_key": KEY})
-        assert (response.status_code, response.json()) == (404, {"error": "Session not found"})
-
-
-async def test_known_session_routes_answer(client: httpx.AsyncClient) -> None:
-    key = {"api_key": KEY}
-    for path in (
-        f"/api/messages/{SID}/validate",
-        f"/api/internal/sessions/{SID}/last-activity",
-        f"/api/sessions/{SID}/metadata",
-    ):
-        assert (await client.get(path, params=key)).status_code == 200, path
-    for path in ("restore", "reconnect", "regenerate-qr"):
-        response = await client.post(f"/api/sessions/{SID}/{path}", json=key)
-        assert response.status_code == 200
-        assert response.json()["success"] is True
-
-    put = await client.put(
-        f"/api/sessions/{SID}/metadata", json={"api_key": KEY, "metadata": {"plan": "pro"}}
+    await create(client, "second")
+    await wait_connected(client, "second")
+    await client.put(
+        f"/api/sessions/{SID}/metadata", json={"api_key": KEY, "updates": {"plan": "pro"}}
     )
-    assert put.status_code == 200
-    got = await client.get(f"/api/sessions/{SID}/metadata", params=key)
-    assert got.json()["metadata"] == {"plan": "pro"}
+    again = await client.post(f"/api/sessions/{SID}/reconnect", json={"api_key": KEY})
+    assert again.json() == {"success": True, "session_id": SID, "status": "qr_scanning"}
+    status = (await status_of(client, SID)).json()
+    assert status["status"] in ("qr_scanning", "authenticated")
+    assert "workspace_id" not in status  # the reconnect body had none
+    meta = (await client.get(f"/api/sessions/{SID}/metadata", params={"api_key": KEY})).json()
+    assert "plan" not in meta["metadata"]
+    # Deleted and added again: it moved to the end of the list.
+    listing = (await client.get("/api/sessions", params={"api_key": KEY})).json()["sessions"]
+    assert [s["session_id"] for s in listing] == ["second", SID]
+    assert [e["session_id"] for e in await events(client, "session_stopped")] == [SID]
+    await wait_connected(client, SID)
 
 
-async def test_legacy_sessions_prefix_behaves_like_api(client: httpx.AsyncClient) -> None:
-    key = {"api_key": KEY}
-    assert (await client.get(f"/sessions/{SID}/status", params=key)).json()["session_id"] == SID
-    assert (await client.get("/sessions/nope/status", params=key)).json() == {
-        "error": "Session not found"
+async def test_delete_held_and_not_held(client: httpx.AsyncClient) -> None:
+    gone = await client.request("DELETE", f"/api/sessions/{SID}", json={"api_key": KEY})
+    assert (gone.status_code, gone.json()) == (
+        200,
+        {"success": True, "message": "Session disconnected successfully"},
+    )
+    assert (await status_of(client, SID)).status_code == 404
+    not_held = {
+        "success": True,
+        "message": "Session already disconnected or not found in memory",
+        "alreadyDisconnected": True,
     }
-    odd = await client.post(f"/sessions/{SID}/whatever", json=key)
-    assert (odd.status_code, odd.json()["error"]) == (404, "Endpoint not found")
-    assert (await client.get(f"/sessions/{SID}/status")).status_code == 401
+    for sid in (SID, "foo"):
+        unknown = await client.request("DELETE", f"/api/sessions/{sid}", json={"api_key": KEY})
+        assert (unknown.status_code, unknown.json()) == (200, not_held)
+    # A held DELETE destroys the client and touches no file; a DELETE of a webjs_ id that is
+    # not held deletes sessions/{workspace}/{id} (not where the credentials are).
+    deleted = await events(client, "session_files_deleted")
+    assert [(e["session_id"], e["path"]) for e in deleted] == [(SID, f"sessions/7/{SID}")]
+
+
+async def test_last_activity_is_always_empty_and_needs_no_key(client: httpx.AsyncClient) -> None:
+    for sid in (SID, "never-existed"):
+        response = await client.get(f"/api/internal/sessions/{sid}/last-activity")
+        assert (response.status_code, response.json()) == (
+            200,
+            {
+                "success": True,
+                "data": {
+                    "session_id": sid,
+                    "last_activity": None,
+                    "device_type": None,
+                    "seconds_since_activity": None,
+                    "message_count": 0,
+                },
+            },
+        )
+
+
+async def test_restore_always_fails(client: httpx.AsyncClient) -> None:
+    for sid in (SID, "nope"):
+        response = await client.post(f"/api/sessions/{sid}/restore", json={"api_key": KEY})
+        assert (response.status_code, response.json()) == (
+            500,
+            {"error": "workspaceId is not defined"},
+        )
 
 
 # ---- lifecycle -----------------------------------------------------------------------------
 
 
-async def test_create_then_connected_after_connect_delay(client: httpx.AsyncClient) -> None:
-    created = await client.post(
-        "/api/sessions",
-        json={"api_key": KEY, "session_id": "new1", "workspace_id": 3, "account_id": 9},
+async def test_create_goes_through_the_measured_states() -> None:
+    app = make_app(connect_delay=0.6)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c:
+        created = await create(c, "new1", workspace_id=3, account_id=9)
+        assert created.json() == {"success": True, "session_id": "new1", "status": "qr_scanning"}
+        seen = [(await status_of(c, "new1")).json()["status"]]
+        early = await c.post("/api/messages/send", json=send_body("new1"))
+        assert (early.status_code, early.json()) == (
+            400,
+            {"error": "Session not connected. Please check session status."},
+        )
+        deadline = time.monotonic() + 3
+        while seen[-1] != "connected":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+            status = (await status_of(c, "new1")).json()
+            if status["status"] != seen[-1]:
+                seen.append(status["status"])
+        assert seen == ["qr_scanning", "authenticated", "connected"]
+        assert status["workspace_id"] == 3
+        assert status["phone_number"] and status["connected_at"]
+        meta = (await c.get("/api/sessions/new1/metadata", params={"api_key": KEY})).json()
+        assert meta["metadata"]["accountId"] == 9
+
+
+async def test_create_of_a_held_session_replaces_it(client: httpx.AsyncClient) -> None:
+    await create(client, "first")
+    await wait_connected(client, "first")
+    await client.post("/_sim/faults", json={"connect_delay": 60})
+    again = await create(client, SID, workspace_id=7)
+    assert again.json() == {"success": True, "session_id": SID, "status": "qr_scanning"}
+    status = (await status_of(client, SID)).json()
+    assert (status["status"], status["phone_number"]) == ("qr_scanning", None)
+    assert "connected_at" not in status
+    # A replaced entry keeps its place in the list.
+    listing = (await client.get("/api/sessions", params={"api_key": KEY})).json()["sessions"]
+    assert [s["session_id"] for s in listing] == [SID, "first"]
+    replaced = await events(client, "session_started")
+    assert [(e["session_id"], e["replaced"]) for e in replaced] == [("first", False), (SID, True)]
+
+
+async def test_create_with_an_id_the_library_refuses(client: httpx.AsyncClient) -> None:
+    response = await create(client, "bad.id")
+    assert (response.status_code, response.json()) == (
+        500,
+        {
+            "error": "Invalid clientId. Only alphanumeric characters, underscores and hyphens"
+            " are allowed."
+        },
     )
-    assert created.status_code == 200
-    assert created.json() == {
-        "success": True,
-        "session_id": "new1",
-        "status": "qr_scanning",
-        "qr_code": None,
-    }
-    status = (await client.get("/api/sessions/new1/status", params={"api_key": KEY})).json()
-    assert status["status"] == "qr_scanning"
-    assert status["connected_at"] is None
-
-    early = await client.post("/api/messages/send", json=send_body("new1"))
-    assert early.status_code == 400
-    assert early.json() == {"error": "Session not connected. Please check session status."}
-
-    await asyncio.sleep(0.08)
-    status = (await client.get("/api/sessions/new1/status", params={"api_key": KEY})).json()
-    assert status["status"] == "connected"
-    assert status["workspace_id"] == 3
-
-    again = await client.post("/api/sessions", json={"api_key": KEY, "session_id": "new1"})
-    assert again.status_code == 200
-    assert again.json()["status"] == "connected"
-
-
-async def test_create_requires_session_id(client: httpx.AsyncClient) -> None:
-    response = await client.post("/api/sessions", json={"api_key": KEY})
-    assert (response.status_code, response.json()) == (400, {"error": "session_id is required"})
-
-
-async def test_delete_known_and_unknown(client: httpx.AsyncClient) -> None:
-    gone = await client.request("DELETE", f"/api/sessions/{SID}", json={"api_key": KEY})
-    assert (gone.status_code, gone.json()) == (200, {"success": True})
-    status = await client.get(f"/api/sessions/{SID}/status", params={"api_key": KEY})
-    assert status.status_code == 404
-
-    unknown = await client.request("DELETE", "/api/sessions/nope", json={"api_key": KEY})
-    assert (unknown.status_code, unknown.json()) == (
-        200,
-        {"success": True, "alreadyDisconnected": True},
-    )
+    assert (await status_of(client, "bad.id")).status_code == 404
 
 
 # ---- messages ------------------------------------------------------------------------------
 
 
-async def test_send_success_unknown_and_status(client: httpx.AsyncClient) -> None:
+async def test_send_checks_fields_then_phone_then_session(client: httpx.AsyncClient) -> None:
+    missing = {
+        "error": "Missing required fields",
+        "required": ["session_id", "recipient_phone", "message"],
+    }
+    for body in (
+        send_body(message=""),
+        send_body(session_id=""),
+        {k: v for k, v in send_body().items() if k != "recipient_phone"},
+        send_body(recipient_phone=None, phone_number="6281234"),  # the old field is not read
+        send_body(recipient_phone=None, to="6281234"),
+    ):
+        response = await client.post("/api/messages/send", json=body)
+        assert (response.status_code, response.json()) == (400, missing)
+    for sid in (SID, "nope"):  # the phone is checked before the session
+        response = await client.post(
+            "/api/messages/send", json=send_body(sid, recipient_phone="abc")
+        )
+        assert (response.status_code, response.json()) == (
+            400,
+            {"error": "Invalid phone number format"},
+        )
+    numeric = await client.post("/api/messages/send", json=send_body(recipient_phone=628111))
+    assert (numeric.status_code, numeric.json()) == (
+        500,
+        {"error": "recipient_phone.replace is not a function"},
+    )
+    number_message = await client.post("/api/messages/send", json=send_body(message=5))
+    assert number_message.json() == {"error": "Message must be string or object"}
+
+
+async def test_send_success_and_what_was_sent(client: httpx.AsyncClient) -> None:
     sent = await client.post(
-        "/api/messages/send", json=send_body(), headers={"X-Request-Id": "req-1"}
+        "/api/messages/send",
+        json=send_body(recipient_phone="+62 811-1"),
+        headers={"X-Request-Id": "req-1"},
     )
     assert sent.status_code == 200
     body = sent.json()
-    assert body["success"] is True
+    assert list(body) == ["success", "message_id", "timestamp"]
     assert abs(body["timestamp"] - time.time()) < 5
-    message_id = body["message_id"]
+    # The recipient goes into the chat id as given.
+    match = MESSAGE_ID.fullmatch(body["message_id"])
+    assert match is not None and match.group(1) == "+62 811-1"
 
-    other = (await client.post("/api/messages/send", json=send_body(to="1"))).json()
-    assert other["message_id"] != message_id
-
-    unknown = await client.post("/api/messages/send", json=send_body("nope"))
-    assert (unknown.status_code, unknown.json()) == (404, {"error": "Session not found"})
-
-    status = await client.get(
-        f"/api/messages/{SID}/status", params={"api_key": KEY, "message_id": message_id}
+    untyped = {k: v for k, v in send_body().items() if k != "type"}
+    assert MESSAGE_ID.fullmatch(
+        (await client.post("/api/messages/send", json=untyped)).json()["message_id"]
     )
-    assert status.status_code == 200
-    assert status.json()["status"] == "delivered"
+    # Any type but text sends nothing and still says success.
+    image = await client.post("/api/messages/send", json=send_body(type="image"))
+    assert (image.status_code, image.json()) == (200, {"success": True})
+    failed = await client.post("/api/messages/send", json=send_body(message="x __fake_fail__"))
+    assert (failed.status_code, failed.json()) == (500, {"error": "fake send failure"})
 
     delivered = (await client.get("/_sim/sent")).json()["messages"]
-    assert [m["message_id"] for m in delivered] == [message_id, other["message_id"]]
-    assert delivered[0]["session_id"] == SID
-    assert delivered[0]["request_id"] == "req-1"
+    assert len(delivered) == 2
+    assert delivered[0]["message_id"] == body["message_id"]
+    assert (delivered[0]["session_id"], delivered[0]["request_id"]) == (SID, "req-1")
 
 
-async def test_send_media_and_bulk_send(client: httpx.AsyncClient) -> None:
-    media = await client.post(
-        "/api/messages/send-media",
-        json={"api_key": KEY, "session_id": SID, "to": "62812", "media_url": "http://x/y.png"},
-    )
+async def test_send_media(client: httpx.AsyncClient) -> None:
+    body = {
+        "api_key": KEY,
+        "session_id": SID,
+        "workspace_id": 7,
+        "recipient_phone": "628111",
+        "media_url": "http://127.0.0.1:9/x.png",
+        "caption": "c",
+        "filename": "x.png",
+    }
+    media = await client.post("/api/messages/send-media", json=body)
     assert media.status_code == 200
-    assert media.json()["success"] is True
-
-    started = time.monotonic()
-    bulk = await client.post(
-        "/api/messages/bulk-send",
-        json={
-            "api_key": KEY,
-            "session_id": SID,
-            "messages": [{"phone_number": "1", "message": "a"}, {"to": "2", "message": "b"}, {}],
+    assert MESSAGE_ID.fullmatch(media.json()["message_id"])
+    no_url = await client.post(
+        "/api/messages/send-media", json={k: v for k, v in body.items() if k != "media_url"}
+    )
+    assert (no_url.status_code, no_url.json()) == (
+        400,
+        {
+            "error": "Missing required fields",
+            "required": ["session_id", "recipient_phone", "media_url"],
         },
     )
-    # The real instance paces one message a second; the simulator must not.
-    assert time.monotonic() - started < 0.5
-    body = bulk.json()
-    assert bulk.status_code == 200
-    assert (body["success"], body["total"], body["successful"], body["failed"]) == (
-        True,
-        3,
-        2,
-        1,
+
+
+async def test_bulk_send_paces_and_reports_per_recipient() -> None:
+    app = make_app(bulk_interval=0.1)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c:
+        body = {
+            "api_key": KEY,
+            "session_id": SID,
+            "workspace_id": 7,
+            "recipients": ["628111", "628222", "628333"],
+            "message": "bulk",
+            "type": "text",
+        }
+        started = time.monotonic()
+        bulk = await c.post("/api/messages/bulk-send", json=body)
+        # A pause after every success, the last one included.
+        assert time.monotonic() - started >= 0.3
+        result = bulk.json()
+        assert bulk.status_code == 200
+        assert (result["success"], result["total"], result["successful"], result["failed"]) == (
+            True,
+            3,
+            3,
+            0,
+        )
+        assert result["errors"] == []
+        assert [r["recipient"] for r in result["results"]] == body["recipients"]
+        assert all(
+            set(r) == {"recipient", "success", "message_id", "timestamp"} for r in result["results"]
+        )
+
+        # Not held or not connected: still a 200, one failure per recipient, no pause.
+        await c.post("/_sim/sessions", json={"session_id": "waiting", "status": "qr_scanning"})
+        for sid, error in (("nope", "Session not found"), ("waiting", "Session not connected")):
+            started = time.monotonic()
+            failed = (
+                await c.post("/api/messages/bulk-send", json={**body, "session_id": sid})
+            ).json()
+            assert time.monotonic() - started < 0.1
+            failures = [
+                {"recipient": r, "success": False, "error": error} for r in body["recipients"]
+            ]
+            assert failed == {
+                "success": True,
+                "total": 3,
+                "successful": 0,
+                "failed": 3,
+                "results": failures,
+                "errors": failures,
+            }
+
+
+async def test_bulk_send_checks(client: httpx.AsyncClient) -> None:
+    body = {"api_key": KEY, "session_id": SID, "recipients": ["628111"], "message": "m"}
+    missing = {"error": "Missing required fields", "required": ["session_id", "recipients (array)"]}
+    for change, status, answer in (
+        ({"recipients": []}, 400, missing),
+        ({"recipients": "628111"}, 400, missing),
+        ({"messages": [{"to": "1"}], "recipients": None}, 400, missing),
+        ({"message": ""}, 400, {"error": "Message content is required"}),
+        (
+            {"recipients": ["628111", "abc"]},
+            400,
+            {
+                "error": "Invalid phone number format for some recipients",
+                "invalid_recipients": ["abc"],
+            },
+        ),
+        ({"recipients": [628111]}, 500, {"error": "phone.replace is not a function"}),
+    ):
+        response = await client.post("/api/messages/bulk-send", json={**body, **change})
+        assert (response.status_code, response.json()) == (status, answer), change
+
+
+async def test_message_status_and_validate(client: httpx.AsyncClient) -> None:
+    key = {"api_key": KEY}
+    status = await client.get(f"/api/messages/{SID}/status", params={**key, "message_id": "X"})
+    assert status.status_code == 200
+    body = status.json()
+    assert list(body) == [
+        "success",
+        "session_id",
+        "message_id",
+        "session_status",
+        "connected_at",
+        "last_activity",
+        "note",
+    ]
+    assert (body["message_id"], body["session_status"]) == ("X", "connected")
+    # The message id is checked before the session.
+    for sid in (SID, "nope"):
+        no_id = await client.get(f"/api/messages/{sid}/status", params=key)
+        assert (no_id.status_code, no_id.json()) == (
+            400,
+            {"error": "Missing required field: message_id"},
+        )
+    validate = (await client.get(f"/api/messages/{SID}/validate", params=key)).json()
+    assert {k: v for k, v in validate.items() if k not in ("last_activity", "phone_number")} == {
+        "success": True,
+        "session_id": SID,
+        "status": "connected",
+        "can_send": True,
+        "is_healthy": True,
+        "recommendations": ["Session is ready to send messages"],
+    }
+
+    await client.post("/_sim/sessions", json={"session_id": "waiting", "status": "qr_scanning"})
+    short = await client.get("/api/messages/waiting/status", params={**key, "message_id": "X"})
+    assert (short.status_code, short.json()) == (400, {"error": "Session not connected"})
+    waiting = (await client.get("/api/messages/waiting/validate", params=key)).json()
+    assert (waiting["can_send"], waiting["recommendations"]) == (
+        False,
+        ["Session is waiting for QR code scan"],
     )
-    assert len(body["results"]) == 3
-    assert len(body["errors"]) == 1
-    assert len((await client.get("/_sim/sent")).json()["messages"]) == 3
 
 
 async def test_send_delay_makes_sends_slow() -> None:
@@ -322,19 +704,88 @@ async def test_send_delay_makes_sends_slow() -> None:
         assert time.monotonic() - started < 0.15
 
 
-async def test_malformed_json_is_an_express_html_400(client: httpx.AsyncClient) -> None:
-    for raw in (b'{"api_key": nope', b"not json", b'{"a":1'):
+async def test_a_session_closed_during_a_slow_send(client: httpx.AsyncClient) -> None:
+    await client.post("/_sim/faults", json={"send_delay": 0.2})
+    slow = asyncio.create_task(client.post("/api/messages/send", json=send_body()))
+    await asyncio.sleep(0.05)
+    await client.request("DELETE", f"/api/sessions/{SID}", json={"api_key": KEY})
+    response = await slow
+    assert (response.status_code, response.json()) == (
+        500,
+        {"error": "Protocol error (Runtime.callFunctionOn): Session closed."},
+    )
+
+
+# ---- bodies --------------------------------------------------------------------------------
+
+
+async def test_malformed_json_is_an_express_html_400_with_v8s_message(
+    client: httpx.AsyncClient,
+) -> None:
+    for raw, message in (
+        (
+            b'{"session_id": "x", bad json',
+            "Expected double-quoted property name in JSON at position 20",
+        ),
+        (b"{bad", "Expected property name or &#39;}&#39; in JSON at position 1"),
+        (
+            b'{"a":1',
+            "Expected &#39;,&#39; or &#39;}&#39; after property value in JSON at position 6",
+        ),
+        (
+            b'{"api_key": nope',
+            "Unexpected token &#39;o&#39;, &quot;{&quot;api_key&quot;: nope&quot;"
+            " is not valid JSON",
+        ),
+        (b"not json", "Unexpected token &#39;n&#39;, &quot;not json&quot; is not valid JSON"),
+        (b"   ", "Unexpected end of JSON input"),
+    ):
         response = await client.post(
             "/api/messages/send", content=raw, headers={"Content-Type": "application/json"}
         )
         assert response.status_code == 400
         assert response.headers["content-type"] == "text/html; charset=utf-8"
+        assert response.headers["content-security-policy"] == "default-src 'none'"
         assert response.text.startswith("<!DOCTYPE html>")
-        assert "<pre>SyntaxError: Unexpected" in response.text
+        assert f"<pre>SyntaxError: {message}<br>" in response.text, response.text
+    # No handler runs, so no key check either.
     put = await client.put(
         f"/api/sessions/{SID}/metadata", content=b"{", headers={"Content-Type": "application/json"}
     )
     assert put.status_code == 400
+
+
+async def test_urlencoded_bodies_are_read_like_qs(client: httpx.AsyncClient) -> None:
+    form = {
+        "api_key": KEY,
+        "session_id": SID,
+        "recipients[]": ["628111", "628222"],
+        "message": "m",
+    }
+    bulk = await client.post("/api/messages/bulk-send", data=form)
+    assert bulk.json()["successful"] == 2
+    put = await client.put(
+        f"/api/sessions/{SID}/metadata", data={"api_key": KEY, "updates[plan]": "pro"}
+    )
+    assert put.json()["metadata"]["plan"] == "pro"
+
+
+def test_route_timeouts_match_like_the_real_patterns() -> None:
+    for path, seconds in (
+        ("/api/sessions", 60),
+        ("/api/sessions/x/status", 60),
+        ("/api/sessions/x/regenerate-qr", 60),
+        ("/api/messages/send", 45),
+        ("/api/messages/send-media", 45),
+        ("/api/messages/bulk-send", 30),
+        ("/api/messages/x/status", 30),
+        ("/health", 5),
+        ("/health/ready", 5),
+        ("/remoteauth/health", 5),
+        ("/API/SESSIONS", 30),
+        ("/api/internal/sessions/x/last-activity", 30),
+    ):
+        assert _route_timeout(path) == seconds, path
 
 
 # ---- /_sim controls ------------------------------------------------------------------------
@@ -364,7 +815,7 @@ async def test_sim_controls_move_sessions(client: httpx.AsyncClient) -> None:
 
 async def test_sim_log_records_requests_but_not_controls(client: httpx.AsyncClient) -> None:
     await client.get("/health", headers={"X-Request-Id": "abc"})
-    await client.get(f"/api/sessions/{SID}/status", params={"api_key": KEY})
+    await status_of(client, SID)
     await client.post("/api/messages/send", json=send_body())
     await client.get(f"/sessions/{SID}/status", params={"api_key": KEY})
     await client.get("/_sim/sessions")
@@ -373,7 +824,7 @@ async def test_sim_log_records_requests_but_not_controls(client: httpx.AsyncClie
         ("GET", "/health", 200),
         ("GET", f"/api/sessions/{SID}/status", 200),
         ("POST", "/api/messages/send", 200),
-        ("GET", f"/sessions/{SID}/status", 200),
+        ("GET", f"/sessions/{SID}/status", 404),
     ]
     assert requests[0]["request_id"] == "abc"
     assert requests[0]["headers"]["x-request-id"] == "abc"
@@ -388,10 +839,24 @@ async def test_sim_log_records_requests_but_not_controls(client: httpx.AsyncClie
 
 async def test_faults_validate_and_report(client: httpx.AsyncClient) -> None:
     state = (await client.post("/_sim/faults", json={"send_delay": 1.5})).json()
-    assert state["send_delay"] == 1.5
-    assert state["die_on_send"] is False
-    assert (await client.post("/_sim/faults", json={"send_delay": "x"})).status_code == 400
-    assert (await client.post("/_sim/faults", json={"die_on_send": 1})).status_code == 400
+    assert state == {
+        "die_on_send": False,
+        "unhealthy": False,
+        "send_delay": 1.5,
+        "connect_delay": 0.05,
+        "bulk_interval": 0.0,
+        "timeout_scale": 1.0,
+    }
+    for bad in (
+        {"send_delay": "x"},
+        {"die_on_send": 1},
+        {"bulk_interval": -1},
+        {"timeout_scale": 0},
+    ):
+        assert (await client.post("/_sim/faults", json=bad)).status_code == 400, bad
+    assert (await client.post("/_sim/faults", json={"timeout_scale": 0.5})).json()[
+        "timeout_scale"
+    ] == 0.5
 
     await client.post("/_sim/faults", json={"unhealthy": True})
     assert (await client.get("/health")).status_code == 503
@@ -411,11 +876,19 @@ async def test_log_file_has_one_line_per_event_and_no_key(tmp_path: Path) -> Non
             json=send_body(),
             headers={"X-Request-Id": "r-9", "Idempotency-Key": "k-1", "X-Api-Key": KEY},
         )
+        await c.request("DELETE", "/api/sessions/webjs_3_1_x", json={"api_key": KEY})
         # Each line is on disk as soon as the response exists: nothing waits for a flush.
         lines = [json.loads(line) for line in log.read_text().splitlines()]
 
-    assert [e["event"] for e in lines] == ["request", "request", "sent", "request"]
-    assert [e.get("status") for e in lines] == [200, 401, None, 200]
+    assert [e["event"] for e in lines] == [
+        "request",
+        "request",
+        "sent",
+        "request",
+        "session_files_deleted",
+        "request",
+    ]
+    assert [e.get("status") for e in lines] == [200, 401, None, 200, None, 200]
     assert all(e["instance"] == "sim-a" for e in lines)
     assert lines[1]["query"] == "api_key=***"
     delivered = lines[2]
@@ -426,6 +899,7 @@ async def test_log_file_has_one_line_per_event_and_no_key(tmp_path: Path) -> Non
         "k-1",
     )
     assert lines[3]["headers"]["idempotency-key"] == "k-1"
+    assert lines[4]["path"] == "sessions/3/webjs_3_1_x"
     text = log.read_text()
     assert KEY not in text
     assert "a-wrong-key" not in text
@@ -434,9 +908,14 @@ async def test_log_file_has_one_line_per_event_and_no_key(tmp_path: Path) -> Non
 # ---- a real process ------------------------------------------------------------------------
 
 
-def test_cli_rejects_a_bad_delay() -> None:
-    with pytest.raises(SystemExit):
-        main(["--port", "1", "--connect-delay", "-1"])
+def test_cli_rejects_bad_numbers() -> None:
+    for argv in (
+        ["--port", "1", "--connect-delay", "-1"],
+        ["--port", "1", "--bulk-interval", "-1"],
+        ["--port", "1", "--timeout-scale", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
 
 
 async def test_real_process_dies_on_send_after_logging_it(tmp_path: Path) -> None:
@@ -467,16 +946,22 @@ async def test_real_process_dies_on_send_after_logging_it(tmp_path: Path) -> Non
 
             armed = await c.post("/_sim/faults", json={"die_on_send": True})
             assert armed.json()["die_on_send"] is True
+            # A rejected send does not get that far: the fault stays armed.
+            assert (await c.post("/api/messages/send", json=send_body("nope"))).status_code == 404
             with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
                 await c.post(
                     "/api/messages/send", json=send_body(), headers={"X-Request-Id": "last"}
                 )
         assert await asyncio.wait_for(proc.wait(), 10) == 1
         events = [json.loads(x) for x in log.read_text().splitlines()]
-        assert events[-1]["event"] == "received"
-        assert events[-1]["request_id"] == "last"
-        assert events[-1]["session_id"] == SID
-        assert events[-1]["instance"] == "doomed"
+        assert [e["event"] for e in events[-2:]] == ["received", "crashed"]
+        received = events[-2]
+        assert (received["request_id"], received["session_id"], received["instance"]) == (
+            "last",
+            SID,
+            "doomed",
+        )
+        assert events[-1]["reason"] == "die_on_send"
         assert not any(e["event"] == "sent" for e in events)
     finally:
         if proc.returncode is None:

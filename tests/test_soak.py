@@ -87,7 +87,7 @@ async def _soak(fleet: Fleet) -> dict[str, Any]:
                     json={
                         "session_id": sid,
                         "api_key": API_KEY,
-                        "phone_number": "1",
+                        "recipient_phone": "1",
                         "message": "s",
                     },
                     headers={"idempotency-key": f"soak-{n}"},

@@ -293,6 +293,10 @@ class Simulator(_Child):
         connect_delay: float,
         send_delay: float,
         start_timeout: float,
+        bulk_interval: float = 0.0,
+        timeout_scale: float = 1.0,
+        laravel_url: str | None = None,
+        laravel_api_key: str | None = None,
     ) -> None:
         self.tmp_path = tmp_path
         self.name = name
@@ -305,6 +309,11 @@ class Simulator(_Child):
         self.connect_delay = connect_delay
         self.send_delay = send_delay
         self.start_timeout = start_timeout
+        self.bulk_interval = bulk_interval
+        self.timeout_scale = timeout_scale
+        self.laravel_url = laravel_url
+        self.laravel_api_key = laravel_api_key
+        self._restores_before = 0  # restore summaries in the log before the current run
 
     @classmethod
     def start(
@@ -319,7 +328,18 @@ class Simulator(_Child):
         port: int | None = None,
         start_timeout: float = 15.0,
         host: str = HOST,
+        bulk_interval: float = 0.0,
+        timeout_scale: float = 1.0,
+        laravel_url: str | None = None,
+        laravel_api_key: str | None = None,
     ) -> Simulator:
+        """Start one instance and wait for its /health.
+
+        ``bulk_interval`` is the pause after each message of a bulk send (the real one waits
+        1 s; 0 here keeps tests fast). ``timeout_scale`` multiplies the route timeouts whose
+        expiry crashes the instance. With ``laravel_url`` the instance restores, at start, every
+        account ``GET {laravel_url}/api/whatsapp/accounts/active`` lists (see ``restored``).
+        """
         sim = cls(
             tmp_path,
             name,
@@ -328,6 +348,10 @@ class Simulator(_Child):
             connect_delay=connect_delay,
             send_delay=send_delay,
             start_timeout=start_timeout,
+            bulk_interval=bulk_interval,
+            timeout_scale=timeout_scale,
+            laravel_url=laravel_url,
+            laravel_api_key=laravel_api_key,
         )
         sim.host = host  # another loopback address (127.0.0.2, ...) plays another host
         sim._launch(tuple(sessions), port)
@@ -350,9 +374,17 @@ class Simulator(_Child):
             str(self.connect_delay),
             "--send-delay",
             str(self.send_delay),
+            "--bulk-interval",
+            str(self.bulk_interval),
+            "--timeout-scale",
+            str(self.timeout_scale),
             "--log",
             str(self.log_path),
         ]
+        if self.laravel_url:
+            cmd += ["--laravel-url", self.laravel_url]
+        if self.laravel_api_key:
+            cmd += ["--laravel-api-key", self.laravel_api_key]
         if sessions:
             # One argument may not exceed 128 KiB: many ids go through a file.
             listing = self.tmp_path / f"sim-{self.name}.sessions"
@@ -361,6 +393,8 @@ class Simulator(_Child):
         return cmd
 
     def _launch(self, sessions: tuple[str, ...], port: int | None) -> None:
+        self._restores_before = len(self.events("restore_done"))
+
         def build(p: int) -> Popen:
             return spawn(self._command(p, sessions), output=self.output_path, env=child_env())
 
@@ -415,6 +449,24 @@ class Simulator(_Child):
     def requests(self) -> list[dict[str, Any]]:
         return self.events("request")
 
+    def wait_event(
+        self, kind: str, timeout: float = 10.0, since: int = 0, **match: Any
+    ) -> dict[str, Any]:
+        """The first log record of ``kind`` (after the first ``since`` of them) whose fields
+        equal ``match``, waiting for it up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(kind) if all(e.get(k) == v for k, v in match.items())]
+            if len(found) > since:
+                return found[since]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self!r}: no {kind!r} event {match} after {timeout:g}s")
+            time.sleep(0.02)
+
+    def restored(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The start-up restore's summary (``restore_done``) of the current run."""
+        return self.wait_event("restore_done", timeout, since=self._restores_before)
+
     # --- test controls ---
 
     def _control(self, method: str, path: str, body: Any = None) -> httpx.Response:
@@ -442,6 +494,11 @@ class Simulator(_Child):
         """The requests the simulator holds in memory (``GET /_sim/log``)."""
         requests: list[dict[str, Any]] = self._control("GET", "/_sim/log").json()["requests"]
         return requests
+
+    def sim_events(self) -> list[dict[str, Any]]:
+        """The life-cycle events the simulator holds in memory (``GET /_sim/events``)."""
+        events: list[dict[str, Any]] = self._control("GET", "/_sim/events").json()["events"]
+        return events
 
     def sent(self) -> list[dict[str, Any]]:
         """The messages the simulator reports as sent (``GET /_sim/sent``)."""
