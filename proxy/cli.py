@@ -79,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(routes, {"admin_token": _SERVE_FLAGS["admin_token"], "host": "", "port": ""})
     routes.add_argument("--json", action="store_true", help="print JSON lines")
 
-    demo = commands.add_parser("demo", help="watch routing, a crash and the recovery")
+    demo = commands.add_parser(
+        "demo",
+        help="watch routing, crashes and the recovery",
+        description="Watch the proxy work: start three simulated gateway instances and the "
+        "real proxy on loopback, send through it, then SIGKILL instances and move a session, "
+        "showing how each send still reaches its session (which instance answered, after how "
+        "many attempts). About 10 s; needs nothing else running. The logs are kept.",
+    )
     demo.add_argument("--fast", action="store_true", help="no pauses between steps")
     return parser
 

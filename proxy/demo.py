@@ -1,24 +1,43 @@
-"""``session-proxy demo``: three simulated instances, the real proxy, a crash, and the recovery.
+"""``session-proxy demo``: three simulated instances, the real proxy, two crashes, the recovery.
 
-Everything runs for real on loopback: the instances and the proxy are separate processes, the
-crash is a SIGKILL, and every line printed comes from an HTTP answer the proxy gave.
+Everything runs for real on loopback: the instances and the proxy are separate processes, a
+crash is a SIGKILL, and every line printed comes from an HTTP answer the proxy gave. The demo
+shows the three ways the proxy learns that a session's owner is wrong or gone:
+
+- from the request itself: the owner was killed just after a health check, so the send meets a
+  refused connection, and the proxy ejects the instance, finds the session and replays the send;
+- from the instance's answer: the session moved while its old instance stayed up, so the send
+  meets ``404 "Session not found"`` and is replayed on the new owner;
+- from a health check: the owner was killed while the application was idle, so the proxy had
+  already ejected it and the send goes straight to the new owner.
+
+The logs (the proxy's, and each instance's JSON-lines request log) are kept after the demo.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 API_KEY = "demo-key"
+WORKSPACE_ID = 1
+RECIPIENT = "6281234567890"
+# The demo's proxy checks every instance this often; a crash right after a check stays unseen
+# by the health checks for this long, so a request meets it first.
+HEALTH_INTERVAL = 2.0
+EJECT_BASE_SECONDS = 5.0
 BOLD, DIM, GREEN, RED, CYAN, RESET = (
     "\033[1m",
     "\033[2m",
@@ -53,14 +72,39 @@ def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> Non
     raise RuntimeError(f"{url} did not answer within {timeout:g} s")
 
 
+def short(session_id: str) -> str:
+    """How a session id is shown on screen: its last 8 characters (the random part)."""
+    return "…" + session_id[-8:]
+
+
+def _new_session_ids(count: int) -> list[str]:
+    """Ids in the application's format, ``webjs_{workspace}_{unixtime}_{random8}``."""
+    alphabet = string.ascii_lowercase + string.digits
+    now = int(time.time())
+    ids: list[str] = []
+    while len(ids) < count:
+        sid = f"webjs_{WORKSPACE_ID}_{now}_{''.join(random.choices(alphabet, k=8))}"
+        if all(short(sid) != short(other) for other in ids):
+            ids.append(sid)
+    return ids
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 class Demo:
     def __init__(self, workdir: Path, fast: bool) -> None:
         self.workdir = workdir
         self.fast = fast
         self.s = _style(sys.stdout.isatty() and os.environ.get("NO_COLOR") is None)
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.names: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # instance URL -> instance-N
+        self.urls: dict[str, str] = {}  # instance-N -> URL
         self.instance_procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.dead: set[str] = set()
+        self.app: httpx.Client  # the application's client, pointed at the proxy
+        self.fleet: httpx.Client  # the fleet's own controls (/_sim), straight to the instances
 
     def say(self, text: str = "") -> None:
         print(text.format(**self.s), flush=True)
@@ -93,9 +137,12 @@ class Demo:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def name(self, url: str) -> str:
+        return self.names.get(url.rstrip("/"), url)
+
     def who(self, response: httpx.Response) -> str:
         url = response.headers.get("x-proxy-instance", "")
-        return self.names.get(url, url or "the proxy")
+        return self.name(url) if url else "the proxy"
 
     def run(self) -> int:
         s = self.say
@@ -104,7 +151,6 @@ class Demo:
         s("proxy; the proxy finds the instance that holds each session, and finds it again after a")
         s("crash moves it.{reset}")
         s()
-        urls = []
         for number in (1, 2, 3):
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
@@ -126,8 +172,8 @@ class Demo:
                 f"{name}.out",
             )
             _wait(url + "/health", proc)
-            urls.append(url)
             self.names[url] = name
+            self.urls[name] = url
             self.instance_procs[name] = proc
             s(f"  started {{cyan}}{name}{{reset}} (simulated gateway) at {url}, pid {proc.pid}")
         proxy_port = _free_port()
@@ -136,138 +182,274 @@ class Demo:
             ["proxy", "serve"],
             "proxy.log",
             {
-                "SESSION_PROXY_INSTANCES": ",".join(urls),
+                "SESSION_PROXY_INSTANCES": ",".join(self.urls.values()),
                 "SESSION_PROXY_PORT": str(proxy_port),
                 "SESSION_PROXY_API_KEY": API_KEY,
-                "SESSION_PROXY_HEALTH_INTERVAL": "1",
+                "SESSION_PROXY_HEALTH_INTERVAL": f"{HEALTH_INTERVAL:g}",
+                "SESSION_PROXY_EJECT_BASE_SECONDS": f"{EJECT_BASE_SECONDS:g}",
                 "SESSION_PROXY_LOG_FORMAT": "text",
             },
         )
         _wait(proxy_url + "/readyz", proxy)
-        s(f"  started {{bold}}session-proxy{{reset}} at {proxy_url}, pid {proxy.pid}")
-        s(f"{{dim}}  (logs in {self.workdir}){{reset}}")
+        s(
+            f"  started {{bold}}session-proxy{{reset}} at {proxy_url}, pid {proxy.pid} "
+            f"(health checks every {HEALTH_INTERVAL:g} s)"
+        )
+        s(f"{{dim}}  logs: {self.workdir} (kept after the demo){{reset}}")
         s()
         self.pause()
 
-        with httpx.Client(base_url=proxy_url, timeout=30.0, trust_env=False) as app:
-            s("{bold}1. The application creates six sessions through the proxy{reset}")
-            sessions = [f"webjs_1_{int(time.time())}_{n:08d}" for n in range(1, 7)]
-            for sid in sessions:
-                r = app.post(
-                    "/api/sessions",
-                    json={
-                        "session_id": sid,
-                        "workspace_id": 1,
-                        "account_id": 1,
-                        "api_key": API_KEY,
-                    },
-                )
-                s(
-                    f"   POST /api/sessions {sid} -> {r.status_code}, "
-                    f"placed on {{cyan}}{self.who(r)}{{reset}}"
-                )
-            s("   waiting for the sessions to connect (a real one shows a QR code here)...")
-            self._wait_connected(app, sessions)
-            self.pause()
-
-            s()
-            s("{bold}2. It sends a message on each; the proxy routes by session id{reset}")
-            owners = self._send_round(app, sessions)
-            self.pause()
-
-            victim = owners[sessions[0]]
-            lost = [sid for sid, owner in owners.items() if owner == victim]
-            survivors = [u for u in urls if self.names[u] != victim]
-            s()
-            s(
-                f"{{bold}}3. {{red}}{victim} crashes{{reset}}{{bold}} (SIGKILL){{reset}} "
-                f"with {len(lost)} session(s) in memory: {', '.join(lost)}"
-            )
-            self.instance_procs[victim].kill()
-            self.instance_procs[victim].wait()
-            s("   The fleet restores them on the surviving instances, as a restart does; the")
-            s("   application's database still points at the dead one.")
-            for index, sid in enumerate(lost):
-                target = survivors[index % len(survivors)]
-                httpx.post(f"{target}/_sim/sessions", json={"session_id": sid}, trust_env=False)
-                s(f"   {sid} comes back on {{cyan}}{self.names[target]}{{reset}}")
-            self.pause()
-
-            s()
-            s("{bold}4. The application sends again, unchanged, to the same proxy address{reset}")
-            self._send_round(app, sessions, before=owners)
-            self.pause()
-
-            listing = app.get("/api/sessions", params={"api_key": API_KEY}).json()
-            s()
-            s(
-                f"{{bold}}5. GET /api/sessions{{reset}} merges every instance's list: "
-                f"total {listing['total']}, unreachable instances named, not hidden: "
-                f"{[f['instance'] for f in listing['failed_instances']] or 'none'}"
-            )
+        with (
+            httpx.Client(base_url=proxy_url, timeout=30.0, trust_env=False) as app,
+            httpx.Client(timeout=10.0, trust_env=False) as fleet,
+        ):
+            self.app, self.fleet = app, fleet
+            self._steps()
         s()
-        s("{green}{bold}Every message was delivered; the application never saw the crash.{reset}")
+        s(
+            "{green}{bold}Every message was delivered; the application never saw either "
+            "crash.{reset}"
+        )
+        s(f"{{dim}}Logs kept in {self.workdir}{{reset}}")
+        s(
+            "{dim}(proxy.log: the proxy's own; "
+            "instance-N.jsonl: every request each instance saw){reset}"
+        )
         s("{dim}Next: point your application at the proxy (README, 'Pointing Laravel').{reset}")
         return 0
 
-    def _wait_connected(self, app: httpx.Client, sessions: list[str]) -> None:
+    def _steps(self) -> None:
+        s = self.say
+        s("{bold}1. The application creates six sessions through the proxy{reset}")
+        sessions = _new_session_ids(6)
+        s(f"{{dim}}   session ids look like {sessions[0]};")
+        s(f"   shown here by their last 8 characters: {short(sessions[0])}{{reset}}")
+        owners: dict[str, str] = {}
+        for sid in sessions:
+            r = self.app.post(
+                "/api/sessions",
+                json={
+                    "session_id": sid,
+                    "workspace_id": WORKSPACE_ID,
+                    "account_id": sessions.index(sid) + 1,
+                    "api_key": API_KEY,
+                    "priority": "normal",
+                },
+            )
+            if r.status_code != 200:
+                raise RuntimeError(f"create {short(sid)} failed: {r.status_code} {r.text}")
+            owners[sid] = self.who(r)
+            s(
+                f"   POST /api/sessions {short(sid)} -> {r.status_code}, "
+                f"placed on {{cyan}}{owners[sid]}{{reset}}"
+            )
+        s("   waiting for the sessions to connect (a real one shows a QR code here)...")
+        self._wait_connected(sessions)
+        self.pause()
+
+        s()
+        s("{bold}2. It sends a message on each; the proxy routes by session id{reset}")
+        s("{dim}   (from each answer: X-Proxy-Instance, the instance that served it, and")
+        s(
+            "   X-Proxy-Attempts, the number of attempts, sent only when there was more "
+            "than one){reset}"
+        )
+        owners = self._send_round(sessions, owners)
+        self.pause()
+
+        # --- 3. a crash the proxy learns about from the request itself -------------------------
+        victim = owners[sessions[0]]
+        lost = [sid for sid in sessions if owners[sid] == victim]
+        survivors = [name for name in self.urls if name != victim]
+        s()
+        s(
+            f"{{bold}}3. {{red}}{victim} crashes{{reset}}{{bold}} (SIGKILL) just after a health "
+            f"check{{reset}}, holding {', '.join(short(sid) for sid in lost)}"
+        )
+        s(
+            f"   The proxy's next check is {HEALTH_INTERVAL:g} s away, so a request, not a check, "
+            f"meets the crash."
+        )
+        self._just_checked(victim)
+        self._kill(victim)
+        s("   The fleet restores the sessions on the surviving instances, as a restart does;")
+        s(f"   the application's database still points at {victim}.")
+        for index, sid in enumerate(lost):
+            target = survivors[index % len(survivors)]
+            self._hold(target, sid)
+            s(f"   {short(sid)} comes back on {{cyan}}{target}{{reset}}")
+        s("   The application sends at once, unchanged, to the same proxy address:")
+        owners = self._send_round(sessions, owners)
+        s(
+            f"   {{bold}}Ejected{{reset}}: the proxy has stopped sending anything to {victim} "
+            f"(no requests, no new"
+        )
+        s("   sessions), as it does after a refused connection, a failed health check or failed")
+        s("   requests in a row. It keeps checking it, and lets it back in when a check passes")
+        s(
+            f"   after a back-off ({EJECT_BASE_SECONDS:g} s now, doubling with each ejection "
+            f"in a row)."
+        )
+        state = self._state(victim)
+        if state.get("ejected"):
+            s(
+                f"{{dim}}   /readyz now: {victim} ejected, back-off "
+                f"{float(state.get('ejected_for_seconds') or 0):.1f} s left{{reset}}"
+            )
+        self.pause()
+
+        # --- 4. a session that moved while its instance stayed up ------------------------------
+        alive = [name for name in survivors if name not in self.dead]
+        old = max(alive, key=lambda name: sum(owner == name for owner in owners.values()))
+        new = next(name for name in alive if name != old)
+        moved = next(sid for sid in sessions if owners[sid] == old)
+        s()
+        s("{bold}4. A session moves while its instance stays up{reset}")
+        s(f"   The fleet moves {short(moved)} from {old} to {new}, behind the proxy's back:")
+        self._hold(new, moved)
+        self.fleet.delete(f"{self.urls[old]}/_sim/sessions/{moved}")
+        owners = self._send_round([moved], owners)
+        self.pause()
+
+        # --- 5. a crash the proxy learns about from a health check -----------------------------
+        victim2 = old
+        lost2 = [sid for sid in sessions if owners[sid] == victim2]
+        s()
+        s(
+            f"{{bold}}5. {{red}}{victim2} crashes{{reset}}{{bold}} (SIGKILL) while the "
+            f"application is idle{{reset}}, holding {', '.join(short(sid) for sid in lost2)}"
+        )
+        self._kill(victim2)
+        killed_at = time.monotonic()
+        for sid in lost2:
+            self._hold(new, sid)
+            s(f"   {short(sid)} comes back on {{cyan}}{new}{{reset}}")
+        self._wait_ejected(victim2)
+        s(
+            f"   The proxy's next health check found {victim2} down "
+            f"{time.monotonic() - killed_at:.1f} s later and ejected it;"
+        )
+        s("   no request met the crash. The application sends again:")
+        owners = self._send_round(lost2, owners)
+        self.pause()
+
+        listing = self.app.get("/api/sessions", params={"api_key": API_KEY}).json()
+        unreachable = [self.name(str(f["instance"])) for f in listing["failed_instances"]]
+        s()
+        s(
+            f"{{bold}}6. GET /api/sessions{{reset}} merges every instance's list: "
+            f"total {listing['total']}"
+        )
+        s(f"   unreachable: {', '.join(unreachable) or 'none'} (named in the answer, not hidden)")
+
+    def _kill(self, name: str) -> None:
+        proc = self.instance_procs[name]
+        proc.kill()
+        proc.wait()
+        self.dead.add(name)
+
+    def _hold(self, name: str, session_id: str) -> None:
+        """The fleet starts ``session_id`` on ``name`` (connected, as a restore does)."""
+        r = self.fleet.post(f"{self.urls[name]}/_sim/sessions", json={"session_id": session_id})
+        if r.status_code != 200:
+            raise RuntimeError(f"{name} did not take {short(session_id)}: {r.status_code}")
+
+    def _state(self, name: str) -> dict[str, Any]:
+        """The proxy's view of one instance, from its /readyz."""
+        for state in self.app.get("/readyz").json().get("instance_states", []):
+            if isinstance(state, dict) and self.name(str(state.get("url", ""))) == name:
+                return state
+        raise RuntimeError(f"/readyz does not list {name}")
+
+    def _just_checked(self, name: str) -> None:
+        """Return right after the proxy's health check of ``name``: the next is a full
+        HEALTH_INTERVAL away, so a request, not a check, meets the crash."""
+        deadline = time.monotonic() + HEALTH_INTERVAL * 3 + 5
+        while time.monotonic() < deadline:
+            ago = self._state(name).get("last_check_seconds_ago")
+            if isinstance(ago, int | float) and ago < 0.2:
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"the proxy did not health-check {name} within {HEALTH_INTERVAL:g} s")
+
+    def _wait_ejected(self, name: str) -> None:
+        deadline = time.monotonic() + HEALTH_INTERVAL * 3 + 5
+        while time.monotonic() < deadline:
+            if self._state(name).get("ejected"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the proxy's health checks did not eject {name}")
+
+    def _wait_connected(self, sessions: list[str]) -> None:
         deadline = time.monotonic() + 15
         pending = set(sessions)
         while pending and time.monotonic() < deadline:
             for sid in list(pending):
-                r = app.get(f"/api/sessions/{sid}/status", params={"api_key": API_KEY})
+                r = self.app.get(f"/api/sessions/{sid}/status", params={"api_key": API_KEY})
                 if r.status_code == 200 and r.json().get("status") == "connected":
                     pending.discard(sid)
             time.sleep(0.1)
         if pending:
-            raise RuntimeError(f"sessions never connected: {sorted(pending)}")
+            raise RuntimeError(
+                f"sessions never connected: {', '.join(short(sid) for sid in sorted(pending))}"
+            )
         self.say("   all six connected.")
 
-    def _send_round(
-        self, app: httpx.Client, sessions: list[str], before: dict[str, str] | None = None
-    ) -> dict[str, str]:
-        owners = {}
+    def _send_round(self, sessions: list[str], before: dict[str, str]) -> dict[str, str]:
+        """One send per session; ``before`` is where each was last answered from."""
+        owners = dict(before)
         for sid in sessions:
             started = time.perf_counter()
-            r = app.post(
+            r = self.app.post(
                 "/api/messages/send",
                 json={
                     "session_id": sid,
-                    "phone_number": "6281234567890",
+                    "workspace_id": WORKSPACE_ID,
+                    "recipient_phone": RECIPIENT,
                     "message": "hello",
+                    "type": "text",
                     "api_key": API_KEY,
                 },
             )
             ms = (time.perf_counter() - started) * 1000
             owners[sid] = self.who(r)
-            attempts = r.headers.get("x-proxy-attempts")
-            note = ""
-            if before and before[sid] != owners[sid]:
-                note = "  {green}<- owner ejected: found on its new instance before sending{reset}"
-            if attempts:
-                note = (
-                    f"  {{green}}<- owner gone: found again, replayed ({attempts} tries){{reset}}"
-                )
+            attempts = int(r.headers.get("x-proxy-attempts") or 1)
             colour = "green" if r.status_code == 200 else "red"
             self.say(
-                f"   send via {sid} -> {{{colour}}}{r.status_code}{{reset}} from "
-                f"{{cyan}}{owners[sid]}{{reset}} in {ms:.0f} ms{note}"
+                f"   send via {short(sid)} -> {{{colour}}}{r.status_code}{{reset}} from "
+                f"{{cyan}}{owners[sid]}{{reset}}, {_plural(attempts, 'attempt')}, {ms:.0f} ms"
             )
+            old, new = before[sid], owners[sid]
+            if attempts > 1:
+                why = (
+                    f"{old} refused the connection: ejected;"
+                    if old in self.dead
+                    else f'{old} answered "Session not found":'
+                )
+                self.say(f"     {{green}}↳ {why} found on {new}, send replayed{{reset}}")
+            elif old != new:
+                self.say(
+                    f"     {{green}}↳ {old} already ejected: found on {new} before sending, "
+                    f"no replay{{reset}}"
+                )
             if r.status_code != 200:
-                raise RuntimeError(f"send failed: {r.status_code} {r.text}")
+                raise RuntimeError(f"send via {short(sid)} failed: {r.status_code} {r.text}")
         return owners
 
 
 def run_demo(fast: bool = False) -> int:
-    with tempfile.TemporaryDirectory(prefix="session-proxy-demo-") as tmp:
-        demo = Demo(Path(tmp), fast)
-        try:
-            return demo.run()
-        except (RuntimeError, httpx.HTTPError) as exc:
-            print(f"demo failed: {exc}", file=sys.stderr)
-            for log in [*sorted(Path(tmp).glob("*.out")), Path(tmp) / "proxy.log"]:
-                if log.exists():
-                    print(f"--- {log.name} ---\n{log.read_text()[-2000:]}", file=sys.stderr)
-            return 1
-        finally:
-            demo.stop_all()
+    # Not a TemporaryDirectory: the logs are the demo's evidence, and it says where they are.
+    workdir = Path(tempfile.mkdtemp(prefix="session-proxy-demo-"))
+    demo = Demo(workdir, fast)
+    try:
+        return demo.run()
+    except (RuntimeError, httpx.HTTPError) as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        for log in [*sorted(workdir.glob("*.out")), workdir / "proxy.log"]:
+            text = log.read_text() if log.exists() else ""
+            if text.count("\n") > 1:  # more than an instance's "listening" line
+                print(f"--- {log.name} (the end) ---\n{text[-2000:]}", file=sys.stderr)
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        return 1
+    finally:
+        demo.stop_all()
