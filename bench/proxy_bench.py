@@ -51,7 +51,8 @@ REDISCOVERY_INSTANCES = 20
 REDISCOVERY_IDS = 20
 FILL_SESSIONS = 100_000
 FILL_CONNECTIONS = 8
-MESSAGE = ("Hello from the benchmark, this is a message of about one kilobyte. " * 15)[:980]
+# 967 characters: with the field names the real instance reads, the body stays 1,057 bytes.
+MESSAGE = ("Hello from the benchmark, this is a message of about one kilobyte. " * 15)[:967]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS = ("direct", "nginx", "proxy")
 SHAPES = ("GET", "POST")
@@ -225,7 +226,8 @@ def versions() -> dict[str, str]:
         "wrk": (wrk.stdout + wrk.stderr).splitlines()[0].split(" Copyright")[0],
         "python": f"{platform.python_implementation()} {platform.python_version()}",
     }
-    for dist in ("uvicorn", "starlette", "httpx", "httpcore", "uvloop", "httptools", "aiocache"):
+    dists = ("uvicorn", "starlette", "httpx", "httpcore", "uvloop", "httptools", "aiocache")
+    for dist in (*dists, "aiohttp"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[dist] = metadata.version(dist)
     return found
@@ -244,11 +246,12 @@ class Ports:
     fill_proxy: int
     rediscovery_proxy: int
     upstream_status: int  # the upstream nginx's stub_status: connections it accepted
+    aiohttp_proxy: int = 0  # session-proxy with aiohttp as its upstream client (--aiohttp)
 
     @classmethod
     def pick(cls) -> Ports:
-        p = free_ports(7 + REDISCOVERY_INSTANCES)
-        return cls(p[0], p[1], p[7:], p[2], p[3], p[4], p[5], p[6])
+        p = free_ports(8 + REDISCOVERY_INSTANCES)
+        return cls(p[0], p[1], p[8:], p[2], p[3], p[4], p[5], p[6], p[7])
 
 
 def _nginx_main(prefix: Path, http_body: str) -> str:
@@ -393,7 +396,13 @@ def start_nginx(name: str, conf: str, work: Path, ports: Sequence[int]) -> subpr
 
 
 def start_proxy(
-    name: str, port: int, instances: Sequence[int], work: Path, workers: int, **extra: str
+    name: str,
+    port: int,
+    instances: Sequence[int],
+    work: Path,
+    workers: int,
+    launcher: Sequence[str] = ("-m", "proxy", "serve"),
+    **extra: str,
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_PROXY_")}
     env |= {
@@ -408,7 +417,7 @@ def start_proxy(
     env |= {f"SESSION_PROXY_{k.upper()}": v for k, v in extra.items()}
     env["PYTHONPATH"] = str(SOURCE)
     log = work / f"{name}.log"
-    proc = spawn([sys.executable, "-m", "proxy", "serve"], log, env, cwd=SOURCE)
+    proc = spawn([sys.executable, *launcher], log, env, cwd=SOURCE)
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:
@@ -496,7 +505,12 @@ end
 def post_body(session_id: str) -> str:
     """A send of about 1 KB, addressed by the body's ``session_id``."""
     return json.dumps(
-        {"session_id": session_id, "api_key": "k", "to": "628123456789", "message": MESSAGE}
+        {
+            "session_id": session_id,
+            "api_key": "k",
+            "recipient_phone": "628123456789",
+            "message": MESSAGE,
+        }
     )
 
 
@@ -694,7 +708,8 @@ def load_matrix(
     """Every shape and concurrency, the targets one after another inside each round."""
     direct_ids = [sid for sid in LOAD_SESSIONS if _even(sid)]  # all held by port A
     scripts: dict[tuple[str, str], Path] = {}
-    for name in TARGETS:
+    names = [target.name for target in targets]
+    for name in names:
         ids = direct_ids if name == "direct" else LOAD_SESSIONS
         for shape, text in (("GET", lua_get(ids)), ("POST", lua_post(ids))):
             path = work / f"{name}-{shape}.lua"
@@ -722,7 +737,7 @@ def load_matrix(
         direct = cells["direct", shape, connections]
         cell.added_p50_ms = cell.p50_ms - direct.p50_ms
         cell.added_p99_ms = cell.p99_ms - direct.p99_ms
-    return [cells[t, s, c] for s in SHAPES for c in (8, 64) for t in TARGETS]
+    return [cells[t, s, c] for s in SHAPES for c in (8, 64) for t in names]
 
 
 # --- memory and rediscovery ----------------------------------------------------------------------
@@ -954,8 +969,26 @@ def print_report(report: dict[str, Any]) -> None:
         f"{r['ids']} ids: first request {r['unknown_median_ms']} ms (max {r['unknown_max_ms']}), "
         f"known {r['known_median_ms']} ms: rediscovery adds {r['rediscovery_added_ms']} ms"
     )
+    if "clients" in report:
+        print_clients(report["clients"])
     if "reconcile" in report:
         print("\nbench/reconcile.py --sessions 10000 100000:\n" + report["reconcile"].rstrip())
+
+
+def print_clients(rows: list[dict[str, Any]]) -> None:
+    print("\nupstream client: session-proxy's own (fast) against aiohttp, same proxy otherwise")
+    print(
+        f"{'shape':<5} {'conc':>4} {'fast us':>8} {'aiohttp us':>10} {'ratio':>6} "
+        f"{'fast req/s':>10} {'aiohttp req/s':>13} {'fast p99':>8} {'aiohttp p99':>11} "
+        f"{'errors':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['shape']:<5} {'c' + str(r['connections']):>4} {r['fast_cpu_us']:>8,.0f} "
+            f"{r['aiohttp_cpu_us']:>10,.0f} {r['cpu_ratio']:>6.2f} {r['fast_rps']:>10,} "
+            f"{r['aiohttp_rps']:>13,} {r['fast_p99_ms']:>8.2f} {r['aiohttp_p99_ms']:>11.2f} "
+            f"{r['aiohttp_errors']:>6}"
+        )
 
 
 def ratios(cells: list[Cell]) -> list[dict[str, Any]]:
@@ -972,6 +1005,183 @@ def ratios(cells: list[Cell]) -> list[dict[str, Any]]:
                     "proxy_cpu_us": round(proxy.cpu_us, 1),
                     "cpu_ratio": round(proxy.cpu_us / max(nginx.cpu_us, 0.1), 1),
                     "rps_ratio": round(proxy.rps / max(nginx.rps, 1.0), 2),
+                }
+            )
+    return out
+
+
+# --- aiohttp as session-proxy's upstream client (--aiohttp) --------------------------------------
+
+SERVE_WITH_AIOHTTP = "--serve-with-aiohttp"  # argv[1] of a proxy process this file starts
+
+
+def aiohttp_client_class() -> type[Any]:
+    """``proxy.client.UpstreamClient`` over aiohttp, set up as a proxy needs it: no cookie jar
+    (``DummyCookieJar``), no decompression, no proxy settings from the environment, no headers
+    of its own, no redirects, raw paths left as sent; the same per-instance connection cap and
+    idle expiry as the fast client. Built here, not in ``proxy/``: it exists to be measured."""
+    from collections.abc import AsyncIterator
+
+    import aiohttp
+    from yarl import URL
+
+    from proxy.client import (
+        KEEPALIVE_EXPIRY,
+        MAX_CONNECTIONS_PER_INSTANCE,
+        Timeouts,
+        UpstreamClient,
+        UpstreamResponse,
+    )
+    from proxy.errors import (
+        ProxyError,
+        UpstreamAmbiguous,
+        UpstreamBadResponse,
+        UpstreamTimeout,
+        UpstreamUnreachable,
+    )
+
+    def mapped(exc: BaseException) -> ProxyError:
+        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            return UpstreamUnreachable(detail)
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(detail)
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return UpstreamBadResponse(detail)
+        return UpstreamAmbiguous(detail)
+
+    class AiohttpResponse(UpstreamResponse):
+        def __init__(self, response: aiohttp.ClientResponse) -> None:
+            self._response = response
+            self.status = response.status
+            self.headers = list(response.raw_headers)
+            self._prefix: list[bytes] = []
+
+        async def chunks(self) -> AsyncIterator[bytes]:
+            try:
+                for chunk in self._prefix:
+                    yield chunk
+                async for chunk in self._response.content.iter_any():
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise mapped(exc) from exc
+            finally:
+                self._response.release()
+
+        async def read(self) -> bytes:
+            return b"".join([chunk async for chunk in self.chunks()])
+
+        async def read_upto(self, limit: int) -> bytes | None:
+            size = 0
+            try:
+                async for chunk in self._response.content.iter_any():
+                    self._prefix.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        return None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._response.release()
+                raise mapped(exc) from exc
+            self._response.release()
+            whole, self._prefix = b"".join(self._prefix), []
+            return whole
+
+        async def close(self) -> None:
+            self._response.release()
+
+    class AiohttpClient(UpstreamClient):
+        def __init__(self) -> None:
+            self._session: aiohttp.ClientSession | None = None
+            self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+
+        def _client(self) -> aiohttp.ClientSession:
+            if self._session is None:  # inside the loop: aiohttp wants one at construction
+                connector = aiohttp.TCPConnector(
+                    limit=0,
+                    limit_per_host=MAX_CONNECTIONS_PER_INSTANCE,
+                    keepalive_timeout=KEEPALIVE_EXPIRY,
+                    ttl_dns_cache=None,
+                )
+                self._session = aiohttp.ClientSession(
+                    connector=connector,
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                    auto_decompress=False,
+                    trust_env=False,
+                    skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+                    requote_redirect_url=False,
+                )
+            return self._session
+
+        async def send(
+            self,
+            method: str,
+            base: str,
+            target: str,
+            headers: Sequence[tuple[bytes, bytes]],
+            body: Any,
+            timeouts: Timeouts,
+        ) -> UpstreamResponse:
+            timeout = self._timeouts.get(timeouts)
+            if timeout is None:
+                timeout = aiohttp.ClientTimeout(
+                    total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+                )
+                self._timeouts[timeouts] = timeout
+            try:
+                response = await self._client().request(
+                    method,
+                    URL(base + target, encoded=True),
+                    headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
+                    data=body or None,
+                    allow_redirects=False,
+                    timeout=timeout,
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise mapped(exc) from exc
+            return AiohttpResponse(response)
+
+        async def aclose(self) -> None:
+            if self._session is not None:
+                await self._session.close()
+
+    return AiohttpClient
+
+
+def serve_with_aiohttp() -> int:
+    """``python -m proxy serve`` (one worker), its upstream client replaced by aiohttp's."""
+    from proxy import app as proxy_app
+    from proxy.cli import main as proxy_main
+
+    client_class = aiohttp_client_class()
+    create_client = proxy_app.create_client
+
+    def with_aiohttp(kind: str, transport: Any = None) -> Any:
+        return client_class() if transport is None else create_client(kind, transport)
+
+    proxy_app.create_client = with_aiohttp
+    result: int = proxy_main(["serve"])
+    return result
+
+
+def client_comparison(cells: list[Cell]) -> list[dict[str, Any]]:
+    """CPU per request of session-proxy with its own client against the same with aiohttp's."""
+    by = {(c.target, c.shape, c.connections): c for c in cells}
+    out = []
+    for shape in SHAPES:
+        for conc in (8, 64):
+            fast, other = by["proxy", shape, conc], by["aiohttp", shape, conc]
+            out.append(
+                {
+                    "shape": shape,
+                    "connections": conc,
+                    "fast_cpu_us": round(fast.cpu_us, 1),
+                    "aiohttp_cpu_us": round(other.cpu_us, 1),
+                    "cpu_ratio": round(other.cpu_us / max(fast.cpu_us, 0.1), 2),
+                    "fast_rps": round(fast.rps),
+                    "aiohttp_rps": round(other.rps),
+                    "fast_p99_ms": round(fast.p99_ms, 2),
+                    "aiohttp_p99_ms": round(other.p99_ms, 2),
+                    "aiohttp_errors": other.errors,
                 }
             )
     return out
@@ -1016,17 +1226,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nginx = start_nginx("nginx", nginx_proxy_conf(work / "nginx", ports), work, [ports.nginx])
         proxy = start_proxy("proxy", ports.proxy, [ports.a, ports.b], work, args.workers)
         warm(ports.proxy, ports)
+        other = None
+        if args.aiohttp:
+            launcher = (str(Path(__file__).resolve()), SERVE_WITH_AIOHTTP)
+            other = start_proxy(
+                "aiohttp-proxy", ports.aiohttp_proxy, [ports.a, ports.b], work, 1, launcher
+            )
+            warm(ports.aiohttp_proxy, ports)
         progress(f"started; work dir {work}; proxy pid {proxy.pid}, nginx pid {nginx.pid}")
         targets = [
             Target("direct", ports.a, upstream.pid),
             Target("nginx", ports.nginx, nginx.pid),
             Target("proxy", ports.proxy, proxy.pid),
         ]
+        if other is not None:
+            targets.append(Target("aiohttp", ports.aiohttp_proxy, other.pid))
         instances = Target("upstream", ports.upstream_status, upstream.pid)
         cells = load_matrix(work, targets, instances, args.duration, args.rounds)
         report["cells"] = [asdict(c) for c in cells]
         report["ratios"] = ratios(cells)
         stop(proxy)
+        if other is not None:
+            report["clients"] = client_comparison(cells)
+            stop(other)
         progress("routing table memory ...")
         report["memory"] = table_memory(work, ports, args.fill_sessions, args.fill_seconds)
         progress("rediscovery across 20 instances ...")
@@ -1039,6 +1261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == [SERVE_WITH_AIOHTTP]:
+        return serve_with_aiohttp()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is reported)")
@@ -1046,6 +1270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 1 round")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--with-reconcile", action="store_true", help="run bench/reconcile.py")
+    parser.add_argument(
+        "--aiohttp",
+        action="store_true",
+        help="also run session-proxy with aiohttp as its upstream client (pip install aiohttp)",
+    )
     parser.add_argument(
         "--source",
         type=Path,
