@@ -1,7 +1,9 @@
 """The admin API under ``/_proxy/``: what the proxy knows and why, behind a bearer token.
 
 With no ``ADMIN_TOKEN`` configured the routes do not exist at all (404, like any unknown path).
-The token is compared in constant time.
+With one, every request under ``/_proxy/`` is authorised before it is routed (``AdminGuard``):
+without the token, an unknown path, a wrong method and a trailing slash all answer the same
+401, so nothing about the API can be learnt without it. The token is compared in constant time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .instances import InstanceSet
 from .reconcile import Reconciler
@@ -21,6 +24,50 @@ from .replay import Router
 from .table import RoutingTable
 
 MAX_PAGE = 1000
+ADMIN_PREFIX = "/_proxy/"
+
+
+def _refusal(request_id: str | None) -> Response:
+    request_id = request_id or uuid.uuid4().hex
+    return JSONResponse(
+        {
+            "error": "a valid admin bearer token is required",
+            "code": "unauthorized",
+            "request_id": request_id,
+        },
+        status_code=401,
+        headers={
+            "www-authenticate": 'Bearer realm="session-proxy"',
+            "x-proxy-error": "unauthorized",
+            "x-request-id": request_id,
+        },
+    )
+
+
+class AdminGuard:
+    """In front of the proxy's own endpoints: ``/_proxy/`` requests need the token first."""
+
+    def __init__(self, token: str, app: ASGIApp) -> None:
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self._expected is not None
+            and scope["type"] == "http"
+            and scope["path"].startswith(ADMIN_PREFIX)
+        ):
+            given: bytes | None = None
+            request_id: str | None = None
+            for name, value in scope["headers"]:
+                if name == b"authorization" and given is None:
+                    given = value
+                elif name == b"x-request-id" and request_id is None:
+                    request_id = value.decode("latin-1")
+            if not hmac.compare_digest(given or b"", self._expected):
+                await _refusal(request_id)(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
 
 
 def admin_routes(
@@ -39,20 +86,8 @@ def admin_routes(
         return hmac.compare_digest(given, expected)
 
     def refused(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        return JSONResponse(
-            {
-                "error": "a valid admin bearer token is required",
-                "code": "unauthorized",
-                "request_id": request_id,
-            },
-            status_code=401,
-            headers={
-                "www-authenticate": 'Bearer realm="session-proxy"',
-                "x-proxy-error": "unauthorized",
-                "x-request-id": request_id,
-            },
-        )
+        # AdminGuard refuses first; each route checks again, so none is open without it.
+        return _refusal(request.headers.get("x-request-id"))
 
     async def routes(request: Request) -> Response:
         if not authorised(request):

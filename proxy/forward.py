@@ -3,13 +3,18 @@
 Headers follow RFC 9110 section 7.6.1: hop-by-hop fields (and any the client's ``Connection``
 names) stop here; ``X-Forwarded-*`` and a request id are added. The response's status, headers
 and bytes are passed through untouched (a gzip body stays gzip), except for the hop-by-hop
-fields and the proxy's own ``X-Proxy-*`` and ``X-Request-Id``.
+fields and the proxy's own ``X-Request-Id``.
+
+``X-Proxy-*`` headers are the proxy's own, both ways: a client's are removed before the request
+is forwarded (an instance must not take a client's word for what the proxy decided) and an
+instance's before the answer goes out (a client must not read an instance's header as the
+proxy's ``X-Proxy-Error``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .client import UpstreamResponse
@@ -33,25 +38,35 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Replaced by the proxy on the way in: host is the instance's, length is recomputed. Expect is
-# answered by the proxy's own server (the body is read before the instance is asked).
+# answered by the proxy's own server (the body is read before the instance is asked). The
+# X-Forwarded-* fields are set from what this proxy saw, not from what the client claims.
 _REPLACED_IN = frozenset(
-    {b"host", b"content-length", b"x-forwarded-for", b"x-request-id", b"expect"}
+    {
+        b"host",
+        b"content-length",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+        b"expect",
+    }
 )
-_REPLACED_OUT = frozenset({b"x-request-id", b"x-proxy-instance", b"x-proxy-attempts"})
+_REPLACED_OUT = frozenset({b"x-request-id"})
 _DROPPED_IN = HOP_BY_HOP | _REPLACED_IN
 _DROPPED_OUT = HOP_BY_HOP | _REPLACED_OUT
+_OWN_PREFIX = b"x-proxy-"
+
+# The scope extension through which the server lets the app break off an answer it has started
+# (see server.GuardedHttpTools): the client sees the connection close, nobody logs a traceback.
+ABORT_EXTENSION = "session_proxy.abort"
 
 # Responses up to this size are read whole and sent in one message: cheaper than a stream.
 BUFFER_RESPONSE_LIMIT = 256 * 1024
 SESSION_NOT_FOUND = "Session not found"
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",")]
 
 
 def request_headers(
@@ -60,26 +75,34 @@ def request_headers(
     request_id: bytes,
     content_length: int | None,
 ) -> list[tuple[bytes, bytes]]:
-    """The headers to send to the instance for this client request."""
+    """The headers to send to the instance for this client request (one pass over them)."""
     incoming: list[tuple[bytes, bytes]] = scope["headers"]
-    named = _connection_tokens(incoming)
-    dropped = _DROPPED_IN | named if named else _DROPPED_IN
     out = [(b"host", host)]
-    forwarded_for = b""
+    forwarded_for: list[bytes] = []
     client_host = b""
+    named: list[bytes] = []
     for name, value in incoming:
-        if name in dropped:
+        if name in _DROPPED_IN:
             if name == b"x-forwarded-for":
-                forwarded_for = value
+                forwarded_for.append(value)
             elif name == b"host":
                 client_host = value
+            elif name == b"connection":
+                named += _tokens(value)
             continue
-        if name in (b"x-forwarded-proto", b"x-forwarded-host"):
-            continue  # set from what this proxy saw, not what the client claims
+        if name.startswith(_OWN_PREFIX):
+            continue
         out.append((name, value))
+    if named:
+        # Fields the client's Connection header names are hop-by-hop too (RFC 9110 7.6.1).
+        extra = frozenset(named) - _DROPPED_IN
+        if extra:
+            out = [header for header in out if header[0] not in extra]
     client = scope.get("client")
     peer = client[0].encode("latin-1") if client else b"unknown"
-    out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
+    # Every X-Forwarded-For line the client sent, in order, then the peer this proxy saw.
+    forwarded_for.append(peer)
+    out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
     if client_host:
         out.append((b"x-forwarded-host", client_host))
@@ -92,10 +115,22 @@ def request_headers(
 def response_headers(
     response: UpstreamResponse, instance_url: str, request_id: bytes, attempts: int
 ) -> list[tuple[bytes, bytes]]:
-    raw = [(n.lower(), v) for n, v in response.headers]
-    named = _connection_tokens(raw)
-    dropped = _DROPPED_OUT | named if named else _DROPPED_OUT
-    out = [(n, v) for n, v in raw if n not in dropped]
+    """The instance's headers as the client gets them (one pass over them)."""
+    out: list[tuple[bytes, bytes]] = []
+    named: list[bytes] = []
+    for raw_name, value in response.headers:
+        name = raw_name.lower()
+        if name in _DROPPED_OUT:
+            if name == b"connection":
+                named += _tokens(value)
+            continue
+        if name.startswith(_OWN_PREFIX):
+            continue
+        out.append((name, value))
+    if named:
+        extra = frozenset(named) - _DROPPED_OUT
+        if extra:
+            out = [header for header in out if header[0] not in extra]
     out.append((b"x-request-id", request_id))
     out.append((b"x-proxy-instance", instance_url.encode("latin-1")))
     if attempts > 1:
@@ -114,10 +149,15 @@ def is_session_not_found(status: int, body: bytes) -> bool:
     return isinstance(document, dict) and document.get("error") == SESSION_NOT_FOUND
 
 
-async def buffered_body(response: UpstreamResponse) -> bytes | None:
-    """The whole body when it is small and its length is declared; None means stream it."""
+async def buffered_body(response: UpstreamResponse, any_framing: bool = False) -> bytes | None:
+    """The whole body when it is small and its length is declared; None means stream it.
+
+    ``any_framing``: a chunked or close-delimited body is read too, up to the limit (for answers
+    that must be inspected, such as a 404); past it, None, and ``chunks()`` still has it all."""
     length = response.content_length
-    if length is None or length > BUFFER_RESPONSE_LIMIT:
+    if length is None:
+        return await response.read_upto(BUFFER_RESPONSE_LIMIT) if any_framing else None
+    if length > BUFFER_RESPONSE_LIMIT:
         return None
     return await response.read()
 
@@ -138,6 +178,15 @@ async def relay(
         if chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
+
+
+def abort_started_answer(scope: Scope) -> bool:
+    """Break off an answer whose status line has gone out; False if the server cannot."""
+    extension = scope.get("extensions", {}).get(ABORT_EXTENSION)
+    if extension is None:
+        return False
+    extension["abort"]()
+    return True
 
 
 def error_body(error: ProxyError, request_id: str) -> bytes:

@@ -2,7 +2,10 @@
 
 Every log record passes through ``redact`` on its way out, whatever module wrote it and whatever
 it carries (messages, extras, tracebacks): api keys in queries and bodies, bearer tokens and
-passwords in database URLs never reach a log line.
+passwords in database URLs never reach a log line. Key names are found in every spelling a
+request can carry them in: ``api_key=`` in a query or form, ``"api_key":"..."`` in JSON, that
+JSON escaped inside a string (as a JSON log line carries a path or header holding it), and
+percent-encoded (``api%5Fkey%3D``, ``%22api_key%22%3A%22...``).
 """
 
 from __future__ import annotations
@@ -15,27 +18,51 @@ import time
 import uuid
 from typing import Any
 
-_SECRET_PATTERNS = (
-    # api_key=... in a query string or form body
-    (re.compile(r"(?i)((?:api[_-]?key|token|password|secret)=)[^&\s\"']+"), r"\1***"),
-    # "api_key": "..." in JSON
+# Names whose values are secrets, also with the separator percent-encoded (api%5Fkey).
+_NAME = r"(?:api(?:[_-]|%5f|%2d)?key|token|passw(?:or)?d|secret)"
+# A quote around a JSON key or value: plain, escaped once or more (a JSON line's string values
+# escape the JSON they carry: \"api_key\":\"...\"), or percent-encoded in a URL.
+_QUOTE = r'(?:\\*"|%22)'
+_COLON = r"\s*(?::|%3a)\s*"
+
+_NAMED = (
+    # "api_key": "..." in JSON, at any depth of escaping or percent-encoded; the value runs to
+    # the closing quote, and whole escapes only, so a JSON line stays valid JSON
     (
-        re.compile(r"(?i)(\"(?:api[_-]?key|token|password|secret|admin_token)\"\s*:\s*\")[^\"]*"),
+        re.compile(
+            rf"(?i)({_QUOTE}[\w.-]*{_NAME}{_QUOTE}{_COLON}{_QUOTE})"
+            r'(?:[^"\\%]++|\\++(?!")|%(?!22))*+'
+        ),
         r"\1***",
     ),
-    # Authorization: Bearer ...
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
-    # scheme://user:password@host
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@"), r"\1***@"),
+    # "token": 12345, a value that is not a string
+    (
+        re.compile(rf"(?i)({_QUOTE}[\w.-]*{_NAME}{_QUOTE}{_COLON})[^\s,}}\]\"\\%]+"),
+        r"\1***",
+    ),
+    # api_key=... in a query string or form body, the = perhaps percent-encoded (api_key%3D...)
+    (re.compile(rf"(?i)({_NAME}(?:=|%3d))[^&\s\"'\\]+"), r"\1***"),
 )
+# Authorization: Bearer ...
+_CREDENTIALS = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+# scheme://user:password@host
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
 
 # Attributes every LogRecord has; anything else was passed in ``extra`` and goes into the line.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 def redact(text: str) -> str:
-    for pattern, replacement in _SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
+    # Most lines carry no secret: a few substring tests on the lowered text (microseconds)
+    # decide which patterns need to run at all.
+    lowered = text.lower()
+    if "key" in lowered or "token" in lowered or "passw" in lowered or "secret" in lowered:
+        for pattern, replacement in _NAMED:
+            text = pattern.sub(replacement, text)
+    if "bearer" in lowered or "basic" in lowered:
+        text = _CREDENTIALS.sub(r"\1 ***", text)
+    if "@" in text and "://" in text:
+        text = _URL_PASSWORD.sub(r"\1***@", text)
     return text
 
 
