@@ -25,6 +25,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from . import metrics
+from .config import ConfigError
 
 log = logging.getLogger("session_proxy.table")
 
@@ -44,8 +45,14 @@ def make_cache(url: str) -> Any:
     parts = urlsplit(url)
     if parts.scheme == "memory":
         return None
-    from aiocache import RedisCache
-    from aiocache.serializers import StringSerializer
+    try:
+        from aiocache import RedisCache
+        from aiocache.serializers import StringSerializer
+    except ImportError as exc:  # aiocache imports its Redis backend only when redis is there
+        raise ConfigError(
+            f"SESSION_PROXY_CACHE_URL={parts.scheme}://...: the Redis table needs the 'redis' "
+            f"package, which is missing ({exc}); reinstall session-proxy"
+        ) from None
 
     db = int(parts.path.strip("/") or 0)
     return RedisCache(
@@ -111,6 +118,13 @@ class RoutingTable:
     ) -> None:
         self.local = LocalTable()
         self.shared: Any = cache
+        # What a failing shared table raises; anything else is a bug and is not hidden as "Redis
+        # down".
+        self._shared_errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+        if cache is not None:
+            from redis.exceptions import RedisError
+
+            self._shared_errors += (RedisError,)
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self._inflight: dict[str, asyncio.Future[str | None]] = {}
@@ -131,7 +145,7 @@ class RoutingTable:
             return await getattr(cache, operation)(*args, **kwargs)
         try:
             return await getattr(cache, operation)(*args, **kwargs)
-        except Exception as exc:  # any failure of the shared table: answer locally
+        except self._shared_errors as exc:  # the shared table failed: answer locally
             if time.monotonic() >= self._shared_down_until:
                 log.warning(
                     "shared routing table failed; using the local table",

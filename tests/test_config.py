@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxy.config import ConfigError, load_settings
@@ -99,3 +101,38 @@ def test_https_instances_need_the_httpx_client() -> None:
         }
     )
     assert settings.instances == ("https://10.0.0.1:3001",)
+
+
+def test_redis_table_is_part_of_what_pip_installs() -> None:
+    """CACHE_URL=redis:// is offered by the README, so `pip install .` must bring its client."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    names = [
+        d.split(">")[0].split("=")[0].split("[")[0] for d in project["project"]["dependencies"]
+    ]
+    assert "redis" in names
+
+
+def test_a_missing_redis_package_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A `redis` module that cannot be imported, first on the path: as if it were not installed.
+    (tmp_path / "redis.py").write_text("raise ImportError('No module named redis')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve"],
+        env={
+            "PYTHONPATH": f"{tmp_path}:{Path(__file__).parent.parent}",
+            "PATH": "/usr/bin:/bin",
+            "SESSION_PROXY_INSTANCES": "http://127.0.0.1:9",
+            "SESSION_PROXY_CACHE_URL": "redis://127.0.0.1:6379/0",
+            "SESSION_PROXY_PORT": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "SESSION_PROXY_CACHE_URL" in done.stderr and "redis" in done.stderr
+    assert "Traceback" not in done.stderr
