@@ -66,14 +66,24 @@ def test_database_outage_loses_no_request_and_moves_land_afterwards(
             ready = httpx.get(proxy.url + "/readyz", trust_env=False)
             observed["ready_status_during"] = ready.status_code
             for sid in moved:  # the fleet moves sessions while the database is away
-                sims[0].drop_session(sid)
+                # New copy first, then the old one stops: dropping first left a moment when no
+                # instance held the session, and a request of the load landing in it got an
+                # honest 404 (that gap is a real outage of the session, not of the database).
                 sims[1].add_session(sid)
+                sims[0].drop_session(sid)
                 owners[sid] = sims[1]
             for sid in moved:  # each followed at once (the load would get there too)
                 r = httpx.get(f"{proxy.url}/api/sessions/{sid}/status", params={"api_key": API_KEY})
                 observed.setdefault("moved_answers", []).append(r.status_code)
             time.sleep(1)
             observed["pending_during"] = readiness(proxy)["database"]["writeback_pending"]
+            # Reconcile runs every 4 s (+-10%): wait for a pass inside the outage rather than
+            # assume one has already happened this early.
+            wait_for(
+                lambda: readiness(proxy)["reconcile"]["skips"] >= 1,
+                timeout=OUTAGE / 2,
+                what="a reconcile pass skipped during the outage",
+            )
             observed["reconcile_during"] = readiness(proxy)["reconcile"]
             time.sleep(max(0.0, OUTAGE - (time.monotonic() - observed["stopped_at"])))
             throwaway_pg.start_again()
@@ -134,7 +144,7 @@ async def _load(url: str, sessions: list[str], seconds: float) -> Counter[int]:
                         json={
                             "session_id": sid,
                             "api_key": API_KEY,
-                            "phone_number": "1",
+                            "recipient_phone": "1",
                             "message": "during the outage",
                         },
                     )

@@ -25,7 +25,9 @@ def _raw_get(fleet: Fleet, raw_target: bytes) -> tuple[int, bytes]:
 
 
 def _forwarded_count(fleet: Fleet) -> int:
-    return len(fleet.request_events())
+    """Requests the instances saw, less the proxy's own health checks: those run every 0.5 s
+    whatever the test does, and counting them made these tests fail on a loaded machine."""
+    return sum(1 for event in fleet.request_events() if event["path"] != "/health")
 
 
 @pytest.mark.parametrize(
