@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import metrics
-from .admin import admin_routes
+from .admin import AdminGuard, admin_routes
 from .client import Timeouts, create_client
 from .config import Settings
 from .discovery import LIST_PATH, Discovery
@@ -30,19 +30,29 @@ from .errors import (
     BodyTooLarge,
     ClientTooSlow,
     HeadersTooLarge,
+    InternalError,
     NoHealthyInstance,
     Overloaded,
     ProxyError,
-    SessionNotFound,
 )
-from .forward import buffered_body, error_body, relay, request_headers, response_headers
+from .forward import (
+    abort_started_answer,
+    buffered_body,
+    error_body,
+    relay,
+    request_headers,
+    response_headers,
+)
+from .healing import DuplicateSettler
 from .instances import DnsWatcher, HealthChecker, Instance, InstanceSet, Resolver
 from .observe import new_request_id, redact
+from .owners import choose_owner
 from .reconcile import Reconciler
 from .replay import Attempted, OutgoingRequest, Router, StreamedBody
-from .sessions import Kind, SessionRouter, Target
+from .sessions import Kind, Role, SessionRouter, Target
 from .store import Store, StoreUnavailable
 from .table import RoutingTable, make_cache
+from .tasks import Supervisor
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,7 +63,14 @@ access_log = logging.getLogger("session_proxy.access")
 log = logging.getLogger("session_proxy.app")
 
 OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# What the gateway answers a DELETE for a session it does not hold (see the contract).
+ALREADY_DISCONNECTED = (
+    b'{"success":true,"message":"Session already disconnected or not found in memory",'
+    b'"alreadyDisconnected":true}'
+)
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+# A JSON body larger than this is scanned for its session id in a thread, not parsed inline.
+_BODY_PARSED_INLINE = 64 * 1024
 
 
 class ClientDisconnected(Exception):
@@ -78,7 +95,12 @@ class ProxyApp:
         self.router = Router(
             settings, self.instances, self.table, self.discovery, self.client, self.store
         )
-        self.reconciler = Reconciler(settings, self.instances, self.discovery, self.store)
+        settler = (
+            DuplicateSettler(settings, self.discovery, self.client)
+            if settings.settle_duplicates
+            else None
+        )
+        self.reconciler = Reconciler(settings, self.instances, self.discovery, self.store, settler)
         self.sessions = SessionRouter(settings)
         self.health = HealthChecker(settings, self.instances, self.client)
         self.dns = (
@@ -91,8 +113,8 @@ class ProxyApp:
         self.in_flight = 0
         self._per_client: dict[str, int] = {}
         self._log_requests = access_log.isEnabledFor(logging.INFO)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._own = Starlette(
+        self.tasks = Supervisor()
+        own = Starlette(
             routes=[
                 Route("/healthz", self._healthz),
                 Route("/readyz", self._readyz),
@@ -102,8 +124,11 @@ class ProxyApp:
                 ),
             ],
             lifespan=self._lifespan,
-            exception_handlers={HTTPException: _own_error},
+            exception_handlers={HTTPException: _own_error, Exception: _own_error},
         )
+        # No trailing-slash redirects: their Location is built from the client's Host header.
+        own.router.redirect_slashes = False
+        self._own = AdminGuard(settings.admin_token, own)
 
     # --- ASGI ------------------------------------------------------------------------------------
 
@@ -126,23 +151,20 @@ class ProxyApp:
     async def start(self) -> None:
         if self.dns is not None:
             await self.dns.refresh()
-            self._tasks.append(asyncio.create_task(self.dns.run(), name="dns"))
+            self.tasks.start("dns", self.dns.run)
         await self.health.check_all()
-        self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
+        self.tasks.start("health-checks", self.health.run)
         if self.store is not None:
-            await self.store.start_background()
+            await self.store.start_background(self.tasks)
             with contextlib.suppress(StoreUnavailable):
                 for stored in await self.store.stored_forms():
                     self.instances.resolve(stored)
             if self.settings.reconcile_interval > 0:
-                self._tasks.append(asyncio.create_task(self.reconciler.run(), name="reconcile"))
+                self.tasks.start("reconcile", self.reconciler.run)
 
     async def stop(self) -> None:
         self.shutting_down = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self.tasks.close()
         if self.store is not None:
             await self.store.close()
         await self.client.aclose()
@@ -169,6 +191,9 @@ class ProxyApp:
             "healthy_instances": healthy,
             "shutting_down": self.shutting_down,
             "instance_states": [i.snapshot() for i in self.instances.all],
+            # A crashed loop is restarted; until then it shows here (readiness is not withheld:
+            # routing still works without, say, the reconcile loop).
+            "background_tasks": self.tasks.status(),
         }
         if self.table.shared is not None:
             detail["shared_table"] = {"up": self.table.shared_up}
@@ -225,12 +250,28 @@ class ProxyApp:
             body = await self._read_body(seen, receive, buffer_all=target.kind is not Kind.PATH)
             if target.kind in (Kind.BODY, Kind.CREATE):
                 assert isinstance(body, bytes)
-                session_id = self.sessions.session_from_body(body)
+                if len(body) > _BODY_PARSED_INLINE:
+                    session_id = await asyncio.to_thread(
+                        self.sessions.session_from_body, body, _BODY_PARSED_INLINE
+                    )
+                else:
+                    session_id = self.sessions.session_from_body(body, _BODY_PARSED_INLINE)
             if target.kind is Kind.LIST:
                 status = await self._list(scope, send, request_id)
                 return
             request = self._outgoing(scope, seen, method, path, body, request_id)
-            answer = await self._dispatch(target, session_id, request)
+            if target.role is Role.DELETES:
+                assert session_id is not None
+                answer = await self._delete(session_id, request)
+                if answer is None:
+                    # Nobody holds it: the gateway's own answer, without touching any instance
+                    # (one that does not hold a session still deletes its files).
+                    status = 200
+                    outcome = "answered_by_proxy"
+                    await _send_json_bytes(send, 200, ALREADY_DISCONNECTED, request_id)
+                    return
+            else:
+                answer = await self._dispatch(target, session_id, request)
             response = answer.response
             try:
                 content = answer.body if answer.body is not None else await buffered_body(response)
@@ -248,12 +289,33 @@ class ProxyApp:
         except ProxyError as error:
             status, code, attempts, outcome = error.status, error.code, error.attempts, "error"
             metrics.ERRORS.labels(code).inc()
-            if responding:
-                # The answer had started: the client must see it break off, not a second one.
-                raise
-            await self._send_error(send, error, request_id, error.attempts)
+            if not responding:
+                await self._send_error(send, error, request_id, error.attempts)
+            elif abort_started_answer(scope):
+                # The answer had started: the client sees it break off, not a second one. An
+                # instance failing mid-body is expected: one line, not a traceback.
+                log.warning(
+                    "the instance failed while its answer was relayed; the connection was closed",
+                    extra={
+                        "request_id": request_id,
+                        "instance": answer.instance.url if answer else None,
+                        "error_code": code,
+                        "detail": error.detail,
+                    },
+                )
+            else:
+                raise  # a server without the abort extension breaks the connection itself
         except ClientDisconnected:
             status, code, outcome = 499, "client-closed", "client_closed"
+        except Exception:
+            if responding:
+                raise
+            # A failure of the proxy itself still gets an answer in the proxy's shape.
+            failure = InternalError()
+            status, code, outcome = failure.status, failure.code, "error"
+            metrics.ERRORS.labels(code).inc()
+            log.exception("failed to handle a request", extra={"request_id": request_id})
+            await self._send_error(send, failure, request_id, 0)
         finally:
             self.in_flight -= 1
             left = self._per_client[peer] - 1
@@ -296,24 +358,19 @@ class ProxyApp:
     async def _dispatch(
         self, target: Target, session_id: str | None, request: OutgoingRequest
     ) -> Attempted:
-        if target.kind is Kind.CREATE:
-            assert session_id is not None
-            return await self._create(session_id, request)
-        if session_id is not None:
-            return await self.router.to_session(session_id, request)
-        return await self.router.to_any(request, self.router.pick_any)
+        if session_id is None:
+            return await self.router.to_any(request, self.router.pick_any)
+        if target.kind is Kind.CREATE or target.role is Role.STARTS:
+            return await self.router.start(session_id, request)
+        return await self.router.to_session(session_id, request, target.role)
 
-    async def _create(self, session_id: str, request: OutgoingRequest) -> Attempted:
-        """A new session goes to the least-loaded healthy instance, unless one already holds it."""
-        try:
-            return await self.router.to_session(session_id, request)
-        except SessionNotFound:
-            pass
-        answer = await self.router.to_any(request, self.router.pick_least_loaded)
-        if 200 <= answer.response.status < 300:
-            answer.instance.sessions += 1
-            await self.table.put(session_id, answer.instance.url)
-            self.router.record(session_id, answer.instance)
+    async def _delete(self, session_id: str, request: OutgoingRequest) -> Attempted | None:
+        answer, copies = await self.router.to_every_holder(session_id, request)
+        if copies > 1:
+            log.info(
+                "session deleted on every instance holding it",
+                extra={"session_id": session_id, "copies": copies},
+            )
         return answer
 
     def _outgoing(
@@ -377,7 +434,8 @@ class ProxyApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
             if size > limit:
-                return StreamedBody(b"".join(chunks), _rest_of_body(receive, size, maximum))
+                rest = _rest_of_body(receive, size, maximum, self.settings.client_body_timeout)
+                return StreamedBody(b"".join(chunks), rest)
 
     async def _list(self, scope: Scope, send: Send, request_id: str) -> int:
         """The fleet-wide session list: every instance asked with the client's own query."""
@@ -406,6 +464,7 @@ class ProxyApp:
             if not i.available
         ]
         succeeded = 0
+        copies: dict[str, list[tuple[Instance, str]]] = {}
         for instance, status, body, problem in answers:
             document = _json_object(body) if status == 200 else None
             if document is None or not isinstance(document.get("sessions"), list):
@@ -421,6 +480,9 @@ class ProxyApp:
             for entry in document["sessions"]:
                 if isinstance(entry, dict):
                     sessions.append({**entry, "instance": instance.url})
+                    sid = entry.get("session_id")
+                    if isinstance(sid, str):
+                        copies.setdefault(sid, []).append((instance, str(entry.get("status"))))
         if succeeded == 0:
             statuses = {a[1] for a in answers}
             if len(statuses) == 1 and next(iter(statuses)) in (401, 403):
@@ -432,6 +494,7 @@ class ProxyApp:
             error = NoHealthyInstance("no instance answered the session list")
             await self._send_error(send, error, request_id, 0, extra={"failed_instances": failed})
             return error.status
+        await self._settle_copies(copies)
         merged = {
             "success": True,
             "sessions": sessions,
@@ -441,6 +504,19 @@ class ProxyApp:
         }
         await _send_json_bytes(send, 200, json.dumps(merged).encode(), request_id)
         return 200
+
+    async def _settle_copies(self, copies: dict[str, list[tuple[Instance, str]]]) -> None:
+        """Sessions the list shows on several instances: every replica must route to one copy.
+        Without a database the rule alone decides; with one, the row breaks the tie, so the
+        entry is forgotten and the next request reads it."""
+        for session_id, holders in copies.items():
+            if len(holders) < 2:
+                continue
+            if self.store is None:
+                await self.table.put(session_id, choose_owner(holders).url)
+            else:
+                await self.table.forget(session_id)
+            self.router.confirmations.forget(session_id)
 
     async def _send_error(
         self,
@@ -467,9 +543,15 @@ class ProxyApp:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _rest_of_body(receive: Receive, size: int, maximum: int) -> AsyncIterator[bytes]:
+async def _rest_of_body(
+    receive: Receive, size: int, maximum: int, idle_timeout: float
+) -> AsyncIterator[bytes]:
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(idle_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise ClientTooSlow(f"no body bytes for {idle_timeout:g} s") from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
         chunk = message.get("body", b"")
@@ -537,7 +619,9 @@ def body_text(body: bytes | None) -> str:
 async def _own_error(request: Request, exc: Exception) -> Response:
     """The proxy's own endpoints answer errors in the same JSON shape as the proxy does."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
-    code = {404: "unknown-route", 405: "method-not-allowed"}.get(status, "proxy-error")
+    code = {404: "unknown-route", 405: "method-not-allowed", 500: "internal-error"}.get(
+        status, "proxy-error"
+    )
     request_id = request.headers.get("x-request-id") or new_request_id()
     detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
     return JSONResponse(

@@ -66,6 +66,24 @@ class Settings:
         "POST /api/sessions",
     )
     create_route: str = "POST /api/sessions"
+    # Routes the gateway answers with success for a session it does not hold (see the contract):
+    # they go only to an owner confirmed to hold the session, within CONFIRM_MAX_AGE seconds.
+    confirm_routes: tuple[str, ...] = (
+        "POST /api/messages/bulk-send",  # 200 with a per-recipient "Session not found"
+        "PUT /api/sessions/{id}/metadata",
+        "POST /api/sessions/{id}/restore",
+        "GET /api/internal/sessions/{id}/last-activity",
+    )
+    # Confirmed like the above; when no live instance holds the session, placed like a create.
+    start_routes: tuple[str, ...] = (
+        "POST /api/sessions/{id}/reconnect",
+        "POST /api/sessions/{id}/regenerate-qr",
+    )
+    # Sent to every instance holding the session, and to no other (it deletes the local files).
+    delete_route: str = "DELETE /api/sessions/{id}"
+    confirm_max_age: float = 2.0
+    # Disconnect the extra copies of a session found on several instances (reconcile, leader).
+    settle_duplicates: bool = False
     list_route: str = "GET /api/sessions"
     passthrough_routes: tuple[str, ...] = (
         "/",
@@ -242,6 +260,26 @@ def _routes(name: str, value: str) -> tuple[str, ...]:
     return tuple(f"{i.split(' ')[0].upper()} {i.split(' ')[1]}" for i in items)
 
 
+def _templates(name: str, value: str) -> tuple[str, ...]:
+    """Routes by template: ``{id}`` where the path names the session, none for a body route."""
+    routes = _routes(name, value)
+    for route in routes:
+        if route.count("{id}") > 1:
+            raise _bad(name, value, f"entry {route!r} has more than one {{id}}")
+    return routes
+
+
+def _template(name: str, value: str) -> str:
+    routes = _templates(name, value)
+    if len(routes) != 1 or "{id}" not in routes[0]:
+        raise _bad(name, value, "must be exactly one 'METHOD /path/{id}'")
+    return routes[0]
+
+
+def _switch(name: str, value: str) -> bool:
+    return _choice(name, value, ("on", "off", "true", "false", "1", "0")) in ("on", "true", "1")
+
+
 def _route(name: str, value: str) -> str:
     routes = _routes(name, value)
     if len(routes) != 1:
@@ -285,6 +323,11 @@ _PARSERS: dict[str, Any] = {
     "body_routes": _routes,
     "create_route": _route,
     "list_route": _route,
+    "confirm_routes": _templates,
+    "start_routes": _templates,
+    "delete_route": _template,
+    "confirm_max_age": lambda n, v: _float(n, v, 0.0),
+    "settle_duplicates": _switch,
     "passthrough_routes": lambda n, v: _split(v),
     "upstream_client": lambda n, v: _choice(n, v, ("fast", "httpx")),
     "connect_timeout": lambda n, v: _float(n, v, 0.001),

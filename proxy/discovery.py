@@ -1,7 +1,10 @@
 """Who holds session X: every available instance is asked at once; and what each instance holds.
 
-A probe is the instance's own status route with the proxy's own api key. The first instance that
-answers ``connected`` wins at once; otherwise, once all have answered, the first holder does.
+A probe is the instance's own status route with the proxy's own api key. When several instances
+hold the session (a restart starts every active account), every replica must pick the same copy:
+``owners.choose_owner`` decides from all the answers. The preferred owner (the database's) answering
+``connected`` ends the round at once; any other connected answer waits ``DUPLICATE_GRACE`` for the
+rest, so a second copy is seen without a slow instance holding every lookup for long.
 
 Probing is bounded. Per-session probes draw from a token bucket (``REDISCOVERY_RATE`` per second);
 once it is empty, lookups are answered from a fleet snapshot instead: one list call per instance,
@@ -23,9 +26,11 @@ from .client import Timeouts, UpstreamClient
 from .config import Settings
 from .errors import ProxyError
 from .instances import Instance, InstanceSet
+from .owners import CONNECTED, choose_owner
 
 STATUS_PATH = "/api/sessions/{id}/status"
 LIST_PATH = "/api/sessions"
+DUPLICATE_GRACE = 0.2  # seconds to wait for other holders once one answered connected
 
 
 @dataclass
@@ -34,6 +39,8 @@ class Located:
     status: str | None = None
     complete: bool = True  # every asked instance answered; a miss can be remembered
     asked: int = 0
+    holders: list[tuple[Instance, str]] = field(default_factory=list)  # every copy seen
+    probed: bool = False  # answered by probes just now (a confirmation), not by a snapshot
 
 
 class TokenBucket:
@@ -84,8 +91,11 @@ class Discovery:
         self.probes = 0  # status requests sent to the fleet, for tests and metrics
         self.snapshots = 0  # rounds of list calls taken instead of probes
 
-    async def _probe(self, instance: Instance, session_id: str) -> tuple[Instance, str | None]:
+    async def probe(self, instance: Instance, session_id: str) -> str | None:
         """The session's status on this instance, or None when it does not hold it."""
+        return (await self._probe(instance, session_id))[1]
+
+    async def _probe(self, instance: Instance, session_id: str) -> tuple[Instance, str | None]:
         self.probes += 1
         metrics.PROBES.inc()
         target = STATUS_PATH.format(id=session_id) + self._key_query
@@ -97,53 +107,91 @@ class Discovery:
         raise ProxyError(f"status probe answered {status}")
 
     async def locate(
-        self, session_id: str, exclude: Instance | None = None, not_before: float | None = None
+        self,
+        session_id: str,
+        exclude: Instance | None = None,
+        not_before: float | None = None,
+        preferred: Instance | None = None,
+        every_holder: bool = False,
     ) -> Located:
         """Find the holder among healthy instances, then, as a last resort, among ejected ones
         (a session held only by an instance that just came back must not be "not found").
 
         ``not_before``: a snapshot used instead of probes must be this new (a rediscovery after
-        a failure needs a view of the fleet taken after that failure)."""
-        healthy = [i for i in self._instances.available() if i is not exclude]
+        a failure needs a view of the fleet taken after that failure). ``preferred``: the
+        database's owner, chosen when it holds the session connected. ``every_holder``: wait for
+        every answer (a DELETE must reach every copy), not just long enough to choose."""
+        healthy = [i for i in self._instances.all if i.healthy and i is not exclude]
+        if not every_holder:
+            healthy = [i for i in healthy if not i.draining]
         ejected = [
             i for i in self._instances.all if not i.healthy and not i.draining and i is not exclude
         ]
         if not self._bucket.take():
-            return await self._from_snapshot(session_id, exclude, not_before, len(healthy))
-        located = await self._probe_all(healthy, session_id)
+            return await self._from_snapshot(
+                session_id, exclude, not_before, len(healthy), preferred
+            )
+        located = await self._probe_all(healthy, session_id, preferred, every_holder)
         if located.instance is None and ejected:
-            last_resort = await self._probe_all(ejected, session_id)
+            last_resort = await self._probe_all(ejected, session_id, preferred, every_holder)
             # An ejected instance that cannot answer is known to be down: it does not make the
             # answer incomplete.
             located.instance, located.status = last_resort.instance, last_resort.status
+            located.holders = last_resort.holders
         located.asked = len(healthy)
         return located
 
-    async def _probe_all(self, candidates: list[Instance], session_id: str) -> Located:
-        located = Located(None, asked=len(candidates))
+    async def _probe_all(
+        self,
+        candidates: list[Instance],
+        session_id: str,
+        preferred: Instance | None,
+        every_holder: bool,
+    ) -> Located:
+        located = Located(None, asked=len(candidates), probed=True)
         if not candidates:
             return located
-        tasks = [asyncio.create_task(self._probe(i, session_id)) for i in candidates]
+        loop = asyncio.get_running_loop()
+        pending = {asyncio.create_task(self._probe(i, session_id)) for i in candidates}
+        grace_ends: float | None = None
+        settled = False
         try:
-            for next_done in asyncio.as_completed(tasks):
-                try:
-                    instance, status = await next_done
-                except ProxyError:
-                    located.complete = False
-                    continue
-                if status is None:
-                    continue
-                if status == "connected":
-                    return Located(instance, status, True, len(candidates))
-                if located.instance is None:
-                    located.instance, located.status = instance, status
-            return located
+            while pending and not settled:
+                timeout = None if grace_ends is None else max(0.0, grace_ends - loop.time())
+                done, pending = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    break  # the grace is over: the copies seen so far decide
+                for task in done:
+                    try:
+                        instance, status = task.result()
+                    except ProxyError:
+                        located.complete = False
+                        continue
+                    if status is None:
+                        continue
+                    located.holders.append((instance, status))
+                    if status == CONNECTED and not every_holder:
+                        # The database's owner holding it connected is the answer already.
+                        settled = settled or instance is preferred
+                        if grace_ends is None:
+                            grace_ends = loop.time() + DUPLICATE_GRACE
         finally:
-            for task in tasks:
+            for task in pending:
                 task.cancel()
+        if located.holders:
+            located.instance = choose_owner(located.holders, preferred)
+            located.status = next(s for i, s in located.holders if i is located.instance)
+        return located
 
     async def _from_snapshot(
-        self, session_id: str, exclude: Instance | None, not_before: float | None, asked: int
+        self,
+        session_id: str,
+        exclude: Instance | None,
+        not_before: float | None,
+        asked: int,
+        preferred: Instance | None = None,
     ) -> Located:
         snapshot = await self.snapshot(not_before)
         found: list[tuple[Instance, str]] = []
@@ -151,10 +199,13 @@ class Discovery:
             instance = self._instances.get(url)
             if instance is not None and not instance.draining and instance is not exclude:
                 found.append((instance, status))
-        # Healthy and connected first; an ejected holder only as a last resort.
-        found.sort(key=lambda pair: (not pair[0].healthy, pair[1] != "connected"))
-        if found:
-            return Located(found[0][0], found[0][1], True, asked)
+        # A healthy holder first; an ejected one only as a last resort.
+        healthy = [pair for pair in found if pair[0].healthy]
+        candidates = healthy or found
+        if candidates:
+            owner = choose_owner(candidates, preferred)
+            status = next(s for i, s in candidates if i is owner)
+            return Located(owner, status, True, asked, holders=found)
         return Located(None, complete=snapshot.failed == 0, asked=asked)
 
     async def snapshot(self, not_before: float | None = None) -> Snapshot:

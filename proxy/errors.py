@@ -22,6 +22,13 @@ class ProxyError(Exception):
 # --- the client's request is wrong ---------------------------------------------------------------
 
 
+class BadRequest(ProxyError):
+    """Refused by the HTTP parser (smuggling shapes, HTTP/0.9, bad bytes): answered, then closed."""
+
+    status, code = 400, "bad-request"
+    message = "the request is not valid HTTP/1.1"
+
+
 class BadSessionId(ProxyError):
     status, code = 400, "bad-session-id"
     message = "the session id is not valid"
@@ -88,6 +95,17 @@ class UpstreamUnreachable(ProxyError):
     message = "the instance could not be reached"
 
 
+class OwnerGone(UpstreamUnreachable):
+    """The owner cannot be reached and no other instance holds the session: a start may place it."""
+
+
+class OwnerUnconfirmed(ProxyError):
+    """The status probe before an acting route failed: the request itself was never sent."""
+
+    status, code = 502, "owner-unconfirmed"
+    message = "the instance did not answer whether it holds the session; nothing was sent"
+
+
 class UpstreamAmbiguous(ProxyError):
     """The request was sent, then the connection died: the instance may have acted on it."""
 
@@ -115,3 +133,13 @@ class UpstreamBadResponse(ProxyError):
 class ReplayExhausted(ProxyError):
     status, code = 502, "replay-exhausted"
     message = "the request was retried as often as allowed without success"
+
+
+# --- the proxy itself ----------------------------------------------------------------------------
+
+
+class InternalError(ProxyError):
+    """A failure of the proxy itself: still answered in the proxy's shape."""
+
+    status, code = 500, "internal-error"
+    message = "the proxy failed while handling the request"

@@ -80,6 +80,21 @@ RECONCILE_SESSIONS = Gauge(
     ["class"],
     multiprocess_mode="mostrecent",
 )
+DUPLICATES_SETTLED = Counter(
+    f"{PREFIX}_duplicates_settled",
+    "Extra copies of a session handled by reconcile (disconnected, or why not)",
+    ["outcome"],
+)
+OWNER_CONFIRMATIONS = Counter(
+    f"{PREFIX}_owner_confirmations",
+    "Status probes before an acting route, by answer (held, not_held, failed)",
+    ["answer"],
+)
+TASK_CRASHES = Counter(
+    f"{PREFIX}_background_task_crashes",
+    "Background loops that raised and were restarted, by task",
+    ["task"],
+)
 CACHE_FALLBACKS = Counter(
     f"{PREFIX}_cache_fallbacks", "Shared-table (Redis) failures answered from the local table"
 )

@@ -11,6 +11,7 @@ import httpx
 from .client import create_client
 from .config import ConfigError, Settings
 from .discovery import Discovery
+from .healing import DuplicateSettler
 from .instances import HealthChecker, InstanceSet
 from .observe import configure_logging, redact
 from .reconcile import Reconciler
@@ -31,7 +32,11 @@ async def reconcile_command(settings: Settings, dry_run: bool, as_json: bool) ->
     try:
         await HealthChecker(settings, instances, client).check_all()
         await store.open()
-        reconciler = Reconciler(settings, instances, Discovery(settings, instances, client), store)
+        discovery = Discovery(settings, instances, client)
+        settler = (
+            DuplicateSettler(settings, discovery, client) if settings.settle_duplicates else None
+        )
+        reconciler = Reconciler(settings, instances, discovery, store, settler)
         report = await reconciler.run_once(dry_run=dry_run)
     finally:
         await store.close()

@@ -18,7 +18,9 @@ from typing import Any
 from . import metrics
 from .config import Settings
 from .discovery import Discovery
-from .instances import InstanceSet
+from .healing import DuplicateSettler
+from .instances import Instance, InstanceSet
+from .owners import choose_owner
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger("session_proxy.reconcile")
@@ -39,6 +41,7 @@ class Report:
     unreachable: list[dict[str, Any]] = field(default_factory=list)
     duplicated: list[dict[str, Any]] = field(default_factory=list)
     unknown: list[dict[str, Any]] = field(default_factory=list)
+    disconnected: list[dict[str, Any]] = field(default_factory=list)  # extra copies settled
     rows_written: int = 0
     sql_statements: int = 0
     inventory_calls: int = 0
@@ -71,6 +74,7 @@ class Report:
             ("unreachable", self.unreachable),
             ("duplicated", self.duplicated),
             ("unknown", self.unknown),
+            ("extra copies settled", self.disconnected),
         ):
             if rows:
                 lines += ["", f"{title} (first {min(limit, len(rows))} of {len(rows)}):"]
@@ -85,11 +89,13 @@ class Reconciler:
         instances: InstanceSet,
         discovery: Discovery,
         store: Store | None,
+        settler: DuplicateSettler | None = None,
     ) -> None:
         self._settings = settings
         self._instances = instances
         self._discovery = discovery
         self._store = store
+        self._settler = settler  # set: extra copies of a session are disconnected
         self.runs = 0
         self.skips = 0
         self.last_report: Report | None = None
@@ -155,34 +161,58 @@ class Reconciler:
         resolved = {stored: self._instances.resolve(stored) for stored in {r[1] for r in rows}}
         in_database = set()
         moves: dict[str, str] = {}
+        extras: dict[str, tuple[Instance, list[Instance]]] = {}
         for session_id, stored in rows:
             in_database.add(session_id)
-            held = holders.get(session_id, [])
+            held = [
+                (instance, status)
+                for url, status in holders.get(session_id, [])
+                if (instance := self._instances.get(url)) is not None
+            ]
             stored_instance = resolved[stored]
             if not held:
                 report.unreachable.append({"session_id": session_id, "stored": stored})
                 continue
+            # The same rule routing uses, so the row written here is the copy every replica
+            # picks: the row's owner if it holds the session connected, else a connected copy.
+            owner = choose_owner([p for p in held if p[0].healthy] or held, stored_instance)
             if len(held) > 1:
                 report.duplicated.append(
-                    {"session_id": session_id, "instances": [url for url, _ in held]}
+                    {
+                        "session_id": session_id,
+                        "instances": [i.url for i, _ in held],
+                        "owner": owner.url,
+                    }
                 )
-            if stored_instance is not None and any(url == stored_instance.url for url, _ in held):
+                extras[session_id] = (owner, [i for i, _ in held if i is not owner])
+            if owner is stored_instance:
                 report.verified.append(session_id)
                 continue
-            # Prefer a connected holder, then a healthy one.
-            held.sort(key=lambda pair: (pair[1] != "connected", not self._healthy(pair[0])))
-            target = self._instances.get(held[0][0])
-            if target is None:
-                continue
-            moves[session_id] = target.alias
-            report.moved.append({"session_id": session_id, "from": stored, "to": target.alias})
-        for session_id, held in holders.items():
+            moves[session_id] = owner.alias
+            report.moved.append({"session_id": session_id, "from": stored, "to": owner.alias})
+        for session_id, held_urls in holders.items():
             if session_id not in in_database:
                 report.unknown.append(
-                    {"session_id": session_id, "instances": [url for url, _ in held]}
+                    {"session_id": session_id, "instances": [url for url, _ in held_urls]}
                 )
-        if moves and not report.dry_run:
+        if report.dry_run:
+            return
+        if moves:
             report.rows_written = await store.write_owners(moves, purpose="reconcile")
+        if extras:
+            # A replica may have learned the other copy by rediscovery: every one forgets it
+            # and reads the row again (the moved ones were notified by the write itself).
+            await store.notify([sid for sid in extras if sid not in moves])
+        if self._settler is not None:
+            for session_id, (owner, others) in extras.items():
+                for settled in await self._settler.settle(session_id, owner, others):
+                    report.disconnected.append(
+                        {
+                            "session_id": settled.session_id,
+                            "instance": settled.instance,
+                            "outcome": settled.outcome,
+                        }
+                    )
 
     def _healthy(self, url: str) -> bool:
         instance = self._instances.get(url)
@@ -193,10 +223,8 @@ class Reconciler:
         interval = self._settings.reconcile_interval
         while True:
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("reconcile failed")
+            # A failing pass is a bug: the task supervisor logs, counts and restarts the loop.
+            await self.run_once()
 
     def status(self) -> dict[str, Any]:
         report = self.last_report

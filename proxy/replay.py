@@ -8,6 +8,10 @@
 - a streamed body (larger than the replay buffer) once its first byte left: never.
 
 Attempts and the total time are bounded; when the proxy gives up it says which case it was.
+
+Routes the gateway answers with success for a session it does not hold (``Role.ACTS`` and the
+rest, see ``sessions.Role``) are not judged by their answer: they go only to an owner confirmed to
+hold the session, starting a session nobody holds is a placement, and a DELETE goes to every copy.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from .config import Settings
 from .discovery import Discovery
 from .errors import (
     NoHealthyInstance,
+    Overloaded,
+    OwnerGone,
+    OwnerUnconfirmed,
     ProxyError,
     ReplayExhausted,
     SessionNotFound,
@@ -30,10 +37,16 @@ from .errors import (
 )
 from .forward import buffered_body, is_session_not_found
 from .instances import Instance, InstanceSet
+from .owners import Confirmations
+from .sessions import Role
 from .store import Store, StoreUnavailable
 from .table import NEGATIVE, RoutingTable
 
 log = logging.getLogger("session_proxy.replay")
+
+_CONFIRM_HELD = metrics.OWNER_CONFIRMATIONS.labels("held")
+_CONFIRM_NOT_HELD = metrics.OWNER_CONFIRMATIONS.labels("not_held")
+_CONFIRM_FAILED = metrics.OWNER_CONFIRMATIONS.labels("failed")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -101,6 +114,7 @@ class Router:
         self.discovery = discovery
         self.client = client
         self.store = store
+        self.confirmations = Confirmations(settings.confirm_max_age)
         self.rediscoveries = 0
 
     # --- owners ----------------------------------------------------------------------------------
@@ -173,10 +187,10 @@ class Router:
                 raise
             # Nobody else holds it: the truthful answer is what happened to the owner.
             if isinstance(error, UpstreamUnreachable):
-                error.detail = (
+                raise OwnerGone(
                     f"the instance holding the session ({failed.url}) cannot be reached and no "
                     "other instance holds it"
-                )
+                ) from None
             raise error from None
         log.info(
             "session rediscovered",
@@ -197,15 +211,17 @@ class Router:
         ask_store: bool = False,
     ) -> Instance:
         async def lookup() -> str | None:
-            if ask_store:
-                stored = await self._stored_owner(session_id)
-                if stored is not None:
-                    await self.table.put(session_id, stored.url)
-                    return stored.url
-            located = await self.discovery.locate(session_id, exclude, not_before)
+            stored = await self._stored_owner(session_id)
+            if ask_store and stored is not None:
+                await self.table.put(session_id, stored.url)
+                return stored.url
+            located = await self.discovery.locate(session_id, exclude, not_before, preferred=stored)
             if located.instance is not None:
                 await self.table.put(session_id, located.instance.url)
-                self.record(session_id, located.instance)
+                if located.probed:
+                    self.confirmations.confirm(session_id, located.instance.url)
+                if located.instance is not stored:
+                    self.record(session_id, located.instance)
                 return located.instance.url
             if located.asked == 0:
                 raise NoHealthyInstance()
@@ -221,20 +237,30 @@ class Router:
 
     # --- the attempt loop ------------------------------------------------------------------------
 
-    async def to_session(self, session_id: str, request: OutgoingRequest) -> Attempted:
+    async def to_session(
+        self, session_id: str, request: OutgoingRequest, role: Role = Role.REFUSES
+    ) -> Attempted:
         owner = await self.owner_of(session_id)
         deadline = time.monotonic() + self.settings.replay_deadline
         attempts = 0
+        confirm = role is not Role.REFUSES
         try:
             while True:
                 if not owner.healthy:  # ejected; a draining owner still serves its sessions
                     owner = await self.rediscover(
                         session_id, owner, UpstreamUnreachable(f"{owner.url} is ejected")
                     )
-                attempts += 1
                 try:
-                    answer = await self._attempt(owner, request, attempts, session_aware=True)
+                    if confirm and not self.confirmations.is_fresh(session_id, owner.url):
+                        await self._confirm(session_id, owner)
+                    attempts += 1
+                    answer = await self._attempt(
+                        owner, request, attempts, session_aware=True, deadline=deadline
+                    )
                     if answer is not None:
+                        if not confirm and answer.response.status < 300:
+                            # Only a holder answers a refusing route with success.
+                            self.confirmations.confirm(session_id, owner.url)
                         return answer
                     # The instance answered "Session not found": it refused the request, so any
                     # method may go to the real owner.
@@ -245,6 +271,97 @@ class Router:
         except ProxyError as error:
             error.attempts = error.attempts or attempts
             raise
+
+    async def _confirm(self, session_id: str, owner: Instance) -> None:
+        """Ask the owner whether it holds the session; raise as its own answer would."""
+        try:
+            status = await self.discovery.probe(owner, session_id)
+        except UpstreamUnreachable as error:
+            _CONFIRM_FAILED.inc()
+            self.instances.eject(owner, error.detail)
+            raise
+        except ProxyError as error:
+            _CONFIRM_FAILED.inc()
+            self.instances.record_failure(owner, error.detail)
+            # Only the probe was sent, never the request itself: it may be tried again, but
+            # nobody may conclude that the owner is gone (a start would then be placed twice).
+            raise OwnerUnconfirmed(
+                f"{owner.url} did not answer whether it holds the session ({error.detail}); "
+                "nothing was sent"
+            ) from error
+        if status is None:
+            _CONFIRM_NOT_HELD.inc()
+            log.info(
+                "owner does not hold the session; rediscovering before acting",
+                extra={"session_id": session_id, "instance": owner.url},
+            )
+            raise SessionNotFound()
+        _CONFIRM_HELD.inc()
+        self.confirmations.confirm(session_id, owner.url)
+
+    async def start(self, session_id: str, request: OutgoingRequest) -> Attempted:
+        """Create, reconnect, regenerate-qr: to the holder if a live one has the session, else
+        placed like a new session (an owner that died must not stop it from starting again)."""
+        try:
+            return await self.to_session(session_id, request, Role.STARTS)
+        except (SessionNotFound, OwnerGone) as error:
+            log.info(
+                "no live instance holds the session; placing it",
+                extra={"session_id": session_id, "reason": error.code},
+            )
+            answer = await self.place(session_id, request)
+            answer.attempts += error.attempts
+            return answer
+
+    async def place(self, session_id: str, request: OutgoingRequest) -> Attempted:
+        """Start the session on the least-loaded healthy instance and record it as the owner."""
+        answer = await self.to_any(request, self.pick_least_loaded)
+        if 200 <= answer.response.status < 300:
+            answer.instance.sessions += 1
+            await self.table.put(session_id, answer.instance.url)
+            self.confirmations.confirm(session_id, answer.instance.url)
+            self.record(session_id, answer.instance)
+        return answer
+
+    async def to_every_holder(
+        self, session_id: str, request: OutgoingRequest
+    ) -> tuple[Attempted | None, int]:
+        """A DELETE: sent to every instance that holds the session, and to no other (the
+        gateway deletes the session's files even where it does not hold it). Returns the
+        chosen owner's answer (None when nobody holds it) and how many copies were deleted."""
+        stored = await self._stored_owner(session_id)
+        located = await self.discovery.locate(session_id, preferred=stored, every_holder=True)
+        if located.asked == 0:
+            raise NoHealthyInstance()
+        await self.table.forget(session_id)
+        self.confirmations.forget(session_id)
+        if not located.holders:
+            if not located.complete:
+                raise UpstreamUnreachable(
+                    "not every instance could be asked whether it holds the session; "
+                    "nothing was deleted"
+                )
+            return None, 0
+        owner = located.instance
+        assert owner is not None
+        others = [instance for instance, _ in located.holders if instance is not owner]
+        for instance in others:
+            try:
+                extra = await self._attempt(instance, request, 1, session_aware=False)
+                if extra is not None:
+                    await extra.response.read()
+                log.info(
+                    "deleted a second copy of the session",
+                    extra={"session_id": session_id, "instance": instance.url},
+                )
+            except ProxyError as error:
+                log.warning(
+                    "could not delete a second copy of the session",
+                    extra={"session_id": session_id, "instance": instance.url, "error": error.code},
+                )
+        answer = await self._attempt(owner, request, 1, session_aware=False)
+        assert answer is not None
+        return answer, len(located.holders)
 
     async def to_any(
         self, request: OutgoingRequest, pick: Callable[[set[str]], Instance]
@@ -264,7 +381,9 @@ class Router:
                 tried.add(instance.url)
                 attempts += 1
                 try:
-                    answer = await self._attempt(instance, request, attempts, session_aware=False)
+                    answer = await self._attempt(
+                        instance, request, attempts, session_aware=False, deadline=deadline
+                    )
                 except ProxyError as error:
                     self._check_replay(request, error, attempts, deadline)
                     last_error = error
@@ -276,9 +395,21 @@ class Router:
             raise
 
     async def _attempt(
-        self, instance: Instance, request: OutgoingRequest, attempts: int, session_aware: bool
+        self,
+        instance: Instance,
+        request: OutgoingRequest,
+        attempts: int,
+        session_aware: bool,
+        deadline: float | None = None,
     ) -> Attempted | None:
-        """One try; None means the instance said it does not hold the session."""
+        """One try; None means the instance said it does not hold the session.
+
+        The first try has the route's own timeouts (longer than the instance's, so the instance
+        gives up first); a replay gets what is left of ``deadline`` at most, so a stalling fleet
+        cannot hold a request for several route timeouts in a row."""
+        timeouts = request.timeouts
+        if attempts > 1 and deadline is not None:
+            timeouts = timeouts.within(deadline - time.monotonic())
         started = time.perf_counter()
         try:
             response = await self.client.send(
@@ -287,9 +418,11 @@ class Router:
                 request.target,
                 request.headers_for(instance),
                 request.body,
-                request.timeouts,
+                timeouts,
             )
             instance.upstream_seconds.observe(time.perf_counter() - started)
+        except Overloaded:
+            raise  # the proxy's own connection cap for that instance: not the instance's fault
         except UpstreamUnreachable as error:
             self.instances.eject(instance, error.detail)
             raise
@@ -299,7 +432,8 @@ class Router:
         self.instances.record_success(instance)
         body = None
         if session_aware and response.status == 404:
-            body = await buffered_body(response)
+            # Read whatever the framing (a chunked "Session not found" too): 404s are small.
+            body = await buffered_body(response, any_framing=True)
             if body is not None and is_session_not_found(404, body):
                 return None
         return Attempted(response, body, instance, attempts)
@@ -308,7 +442,9 @@ class Router:
         self, request: OutgoingRequest, error: ProxyError, attempts: int, deadline: float
     ) -> None:
         """Raise when this failure must end the request; return when another try is allowed."""
-        never_reached = isinstance(error, UpstreamUnreachable | SessionNotFound)
+        never_reached = isinstance(error, UpstreamUnreachable | SessionNotFound | OwnerUnconfirmed)
+        if isinstance(error, Overloaded):
+            raise error  # 503 with Retry-After: the client should come back, not we retry
         if not request.can_resend:
             raise error
         if not never_reached and not request.safe_to_repeat:

@@ -26,6 +26,7 @@ import asyncpg
 
 from . import metrics
 from .config import Settings
+from .tasks import Supervisor
 
 log = logging.getLogger("session_proxy.store")
 
@@ -105,11 +106,11 @@ class Store:
         with contextlib.suppress(StoreUnavailable):
             await self.check()
 
-    async def start_background(self, listen: bool = True) -> None:
+    async def start_background(self, supervisor: Supervisor, listen: bool = True) -> None:
         await self.open()
-        self._tasks.append(asyncio.create_task(self._flush_forever(), name="store-writeback"))
+        supervisor.start("store-writeback", self._flush_forever)
         if listen:
-            self._tasks.append(asyncio.create_task(self._listen_forever(), name="store-listen"))
+            supervisor.start("store-listen", self._listen_forever)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -304,6 +305,16 @@ class Store:
             )
         return [(r[0], r[1]) for r in rows]
 
+    async def notify(self, session_ids: list[str]) -> None:
+        """Make every replica forget these sessions, as a row change would (one statement)."""
+        if not session_ids:
+            return
+        async with self._connection() as conn:
+            self._count("reconcile")
+            await conn.execute(
+                "SELECT pg_notify($1, sid) FROM unnest($2::text[]) AS sid", CHANNEL, session_ids
+            )
+
     async def stored_forms(self) -> list[str]:
         """Every distinct way the table spells an owner, so write-backs can use the same."""
         async with self._connection() as conn:
@@ -361,9 +372,9 @@ class Store:
                     if not lost.is_set():
                         self._count("background")
                         await conn.fetchval("SELECT 1", timeout=2.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # The database or the network: reconnect. Anything else is a bug, and the task
+                # supervisor logs it with its traceback and restarts this loop.
                 self._mark(False, exc)
             finally:
                 if self.listening:
