@@ -4,6 +4,8 @@ With no ``ADMIN_TOKEN`` configured the routes do not exist at all (404, like any
 With one, every request under ``/_proxy/`` is authorised before it is routed (``AdminGuard``):
 without the token, an unknown path, a wrong method and a trailing slash all answer the same
 401, so nothing about the API can be learnt without it. The token is compared in constant time.
+That middleware is the one token check: the routes do not repeat it (a second, different check
+could only drift from the first), so they are served only behind it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .attempts import Attempts
 from .instances import InstanceSet
 from .reconcile import Reconciler
-from .replay import Router
 from .table import RoutingTable
 
 MAX_PAGE = 1000
@@ -45,7 +47,10 @@ def _refusal(request_id: str | None) -> Response:
 
 
 class AdminGuard:
-    """In front of the proxy's own endpoints: ``/_proxy/`` requests need the token first."""
+    """In front of the proxy's own endpoints: ``/_proxy/`` requests need the token first.
+
+    The only token check: the routes behind it do not check again, so an unknown path, a wrong
+    method and a real route are refused alike, before Starlette routes anything."""
 
     def __init__(self, token: str, app: ASGIApp) -> None:
         self._expected = f"Bearer {token}".encode() if token else None
@@ -75,23 +80,14 @@ def admin_routes(
     table: RoutingTable,
     instances: InstanceSet,
     reconciler: Reconciler,
-    router: Router,
+    attempts: Attempts,
 ) -> list[Route]:
+    """The admin routes, none of which checks the token itself: ``AdminGuard`` is the one check,
+    so they must only ever be served behind it (``endpoints.py`` mounts them there)."""
     if not token:
         return []
-    expected = f"Bearer {token}".encode()
-
-    def authorised(request: Request) -> bool:
-        given = request.headers.get("authorization", "").encode("latin-1", "replace")
-        return hmac.compare_digest(given, expected)
-
-    def refused(request: Request) -> Response:
-        # AdminGuard refuses first; each route checks again, so none is open without it.
-        return _refusal(request.headers.get("x-request-id"))
 
     async def routes(request: Request) -> Response:
-        if not authorised(request):
-            return refused(request)
         try:
             limit = min(MAX_PAGE, max(1, int(request.query_params.get("limit", "100"))))
         except ValueError:
@@ -109,8 +105,6 @@ def admin_routes(
         )
 
     async def route(request: Request) -> Response:
-        if not authorised(request):
-            return refused(request)
         session_id = request.path_params["session_id"]
         if request.method == "DELETE":
             forgotten = await table.forget(session_id)
@@ -123,13 +117,9 @@ def admin_routes(
         return JSONResponse({"session_id": session_id, "instance": known, "negative": known == "-"})
 
     async def instance_list(request: Request) -> Response:
-        if not authorised(request):
-            return refused(request)
         return JSONResponse({"instances": [i.snapshot() for i in instances.all]})
 
     async def reconcile(request: Request) -> Response:
-        if not authorised(request):
-            return refused(request)
         dry_run = request.query_params.get("dry_run", "0").lower() in ("1", "true", "yes")
         report = await reconciler.run_once(dry_run=dry_run)
         status = 409 if report.skipped and "another replica" in report.skipped else 200
@@ -138,15 +128,13 @@ def admin_routes(
         return JSONResponse(report.as_dict(), status_code=status)
 
     async def stats(request: Request) -> Response:
-        if not authorised(request):
-            return refused(request)
         return JSONResponse(
             {
                 "table_hits": table.hits,
                 "table_misses": table.misses,
-                "rediscoveries": router.rediscoveries,
-                "probes": router.discovery.probes,
-                "snapshots": router.discovery.snapshots,
+                "rediscoveries": attempts.rediscoveries,
+                "probes": attempts.discovery.probes,
+                "snapshots": attempts.discovery.snapshots,
                 "asyncio_tasks": len(asyncio.all_tasks()),
                 "open_fds": _open_fds(),
             }

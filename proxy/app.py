@@ -1,7 +1,8 @@
-"""The ASGI application: the proxy's own endpoints, and every other request proxied.
+"""The wiring: every part built from ``Settings``, their lifespan, and the hot-path ASGI entry.
 
 The proxied path is plain ASGI (no per-request framework objects): it is the hot path of every
-message. Starlette serves the proxy's own small endpoints.
+message. The proxy's own endpoints (``/healthz``, ``/readyz``, ``/metrics``, ``/_proxy/``) are
+``endpoints.py``'s small Starlette app.
 """
 
 from __future__ import annotations
@@ -16,16 +17,14 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from . import metrics
-from .admin import AdminGuard, admin_routes
+from .attempts import Attempted, Attempts, OutgoingRequest, StreamedBody
 from .client import Timeouts, create_client
 from .config import Settings
 from .discovery import LIST_PATH, Discovery
+from .dns import DnsWatcher, Resolver
+from .endpoints import Endpoints, is_own
 from .errors import (
     BodyTooLarge,
     ClientTooSlow,
@@ -44,11 +43,10 @@ from .forward import (
     response_headers,
 )
 from .healing import DuplicateSettler
-from .instances import DnsWatcher, HealthChecker, Instance, InstanceSet, Resolver
-from .observe import new_request_id, redact
-from .owners import choose_owner
+from .health import HealthChecker
+from .instances import Instance, InstanceSet
+from .observe import new_request_id
 from .reconcile import Reconciler
-from .replay import Attempted, OutgoingRequest, Router, StreamedBody
 from .sessions import Kind, Role, SessionRouter, Target
 from .store import Store, StoreUnavailable
 from .table import RoutingTable, make_cache
@@ -62,7 +60,6 @@ Send = Callable[[Message], Awaitable[None]]
 access_log = logging.getLogger("session_proxy.access")
 log = logging.getLogger("session_proxy.app")
 
-OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # What the gateway answers a DELETE for a session it does not hold (see the contract).
 ALREADY_DISCONNECTED = (
     b'{"success":true,"message":"Session already disconnected or not found in memory",'
@@ -87,13 +84,20 @@ class ProxyApp:
         self.settings = settings
         self.client = create_client(settings.upstream_client, transport)
         self.instances = InstanceSet(settings)
+        self.health = HealthChecker(settings, self.instances, self.client)
         self.table = RoutingTable(
             make_cache(settings.cache_url), settings.cache_ttl, settings.negative_ttl
         )
         self.discovery = Discovery(settings, self.instances, self.client)
         self.store = Store(settings, self._invalidate) if settings.database_url else None
-        self.router = Router(
-            settings, self.instances, self.table, self.discovery, self.client, self.store
+        self.attempts = Attempts(
+            settings,
+            self.instances,
+            self.health,
+            self.table,
+            self.discovery,
+            self.client,
+            self.store,
         )
         settler = (
             DuplicateSettler(settings, self.discovery, self.client)
@@ -102,43 +106,33 @@ class ProxyApp:
         )
         self.reconciler = Reconciler(settings, self.instances, self.discovery, self.store, settler)
         self.sessions = SessionRouter(settings)
-        self.health = HealthChecker(settings, self.instances, self.client)
         self.dns = (
             DnsWatcher(settings, self.instances, self.health, resolver)
             if settings.instances_dns
             else None
         )
-        self.started_at = time.time()
-        self.shutting_down = False
         self.in_flight = 0
         self._per_client: dict[str, int] = {}
         self._log_requests = access_log.isEnabledFor(logging.INFO)
         self.tasks = Supervisor()
-        own = Starlette(
-            routes=[
-                Route("/healthz", self._healthz),
-                Route("/readyz", self._readyz),
-                Route("/metrics", self._metrics),
-                *admin_routes(
-                    settings.admin_token, self.table, self.instances, self.reconciler, self.router
-                ),
-            ],
-            lifespan=self._lifespan,
-            exception_handlers={HTTPException: _own_error, Exception: _own_error},
+        self.endpoints = Endpoints(
+            settings,
+            self.instances,
+            self.table,
+            self.store,
+            self.reconciler,
+            self.attempts,
+            self.tasks,
+            self._lifespan,
         )
-        # No trailing-slash redirects: their Location is built from the client's Host header.
-        own.router.redirect_slashes = False
-        self._own = AdminGuard(settings.admin_token, own)
 
     # --- ASGI ------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not (
-            scope["path"] in OWN_PATHS or scope["path"].startswith("/_proxy/")
-        ):
+        if scope["type"] == "http" and not is_own(scope["path"]):
             await self.proxy(scope, receive, send)
         else:
-            await self._own(scope, receive, send)
+            await self.endpoints(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -163,7 +157,7 @@ class ProxyApp:
                 self.tasks.start("reconcile", self.reconciler.run)
 
     async def stop(self) -> None:
-        self.shutting_down = True
+        self.endpoints.shutting_down = True
         await self.tasks.close()
         if self.store is not None:
             await self.store.close()
@@ -177,51 +171,17 @@ class ProxyApp:
         else:
             await self.table.forget(session_id)
 
-    # --- the proxy's own endpoints ---------------------------------------------------------------
-
-    async def _healthz(self, _request: Request) -> Response:
-        return JSONResponse({"status": "alive", "uptime": round(time.time() - self.started_at, 3)})
+    # --- readiness -------------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        healthy = len(self.instances.available())
-        ready = not self.shutting_down and len(self.instances) > 0 and healthy > 0
-        detail: dict[str, Any] = {
-            "ready": ready,
-            "instances": len(self.instances),
-            "healthy_instances": healthy,
-            "shutting_down": self.shutting_down,
-            "instance_states": [i.snapshot() for i in self.instances.all],
-            # A crashed loop is restarted; until then it shows here (readiness is not withheld:
-            # routing still works without, say, the reconcile loop).
-            "background_tasks": self.tasks.status(),
-        }
-        if self.table.shared is not None:
-            detail["shared_table"] = {"up": self.table.shared_up}
-        if self.store is not None:
-            # Routing goes on without the database: it is reported, not required.
-            detail["database"] = {
-                "up": self.store.up,
-                "listening": self.store.listening,
-                "writeback_pending": self.store.pending,
-                "queries": self.store.queries.as_dict(),
-                "last_error": redact(self.store.last_error or "") or None,
-            }
-            detail["reconcile"] = self.reconciler.status()
-        return ready, detail
-
-    async def _metrics(self, _request: Request) -> Response:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
+        """What ``/readyz`` answers: (ready, detail)."""
+        return self.endpoints.readiness()
 
     def begin_shutdown(self) -> None:
         """SIGTERM: stop being ready at once, so load balancers stop sending new requests."""
-        if not self.shutting_down:
-            self.shutting_down = True
+        if not self.endpoints.shutting_down:
+            self.endpoints.shutting_down = True
             log.info("shutting down: not ready", extra={"in_flight": self.in_flight})
-
-    async def _readyz(self, _request: Request) -> Response:
-        ready, detail = self.readiness()
-        return JSONResponse(detail, status_code=200 if ready else 503)
 
     # --- proxying --------------------------------------------------------------------------------
 
@@ -277,7 +237,7 @@ class ProxyApp:
                 content = answer.body if answer.body is not None else await buffered_body(response)
             except ProxyError as error:
                 # Nothing went to the client yet: it gets a clean error, the instance a mark.
-                self.instances.record_failure(answer.instance, error.detail)
+                self.health.record_failure(answer.instance, error.detail)
                 error.attempts = answer.attempts
                 raise
             headers = response_headers(
@@ -359,13 +319,13 @@ class ProxyApp:
         self, target: Target, session_id: str | None, request: OutgoingRequest
     ) -> Attempted:
         if session_id is None:
-            return await self.router.to_any(request, self.router.pick_any)
+            return await self.attempts.to_any(request, self.attempts.pick_any)
         if target.kind is Kind.CREATE or target.role is Role.STARTS:
-            return await self.router.start(session_id, request)
-        return await self.router.to_session(session_id, request, target.role)
+            return await self.attempts.start(session_id, request)
+        return await self.attempts.to_session(session_id, request, target.role)
 
     async def _delete(self, session_id: str, request: OutgoingRequest) -> Attempted | None:
-        answer, copies = await self.router.to_every_holder(session_id, request)
+        answer, copies = await self.attempts.to_every_holder(session_id, request)
         if copies > 1:
             log.info(
                 "session deleted on every instance holding it",
@@ -440,83 +400,29 @@ class ProxyApp:
     async def _list(self, scope: Scope, send: Send, request_id: str) -> int:
         """The fleet-wide session list: every instance asked with the client's own query."""
         query: bytes = scope["query_string"]
-        suffix = "?" + query.decode("latin-1") if query else ""
-        timeouts = Timeouts(self.settings.connect_timeout, self.settings.timeout_for(LIST_PATH))
         rid = request_id.encode("latin-1")
 
-        async def ask(instance: Instance) -> tuple[Instance, int, bytes | None, str]:
-            headers = request_headers(scope, instance.host_header, rid, None)
-            try:
-                response = await self.client.send(
-                    "GET", instance.url, LIST_PATH + suffix, headers, b"", timeouts
-                )
-                body = await response.read()
-            except ProxyError as error:
-                return instance, 0, None, f"{error.code}: {error.detail}"
-            return instance, response.status, body, ""
+        def headers_for(instance: Instance) -> list[tuple[bytes, bytes]]:
+            return request_headers(scope, instance.host_header, rid, None)
 
-        everyone = self.instances.all
-        answers = await asyncio.gather(*(ask(i) for i in everyone if i.available))
-        sessions: list[Any] = []
-        failed: list[dict[str, Any]] = [
-            {"instance": i.url, "status": None, "error": "ejected by health checks"}
-            for i in everyone
-            if not i.available
-        ]
-        succeeded = 0
-        copies: dict[str, list[tuple[Instance, str]]] = {}
-        for instance, status, body, problem in answers:
-            document = _json_object(body) if status == 200 else None
-            if document is None or not isinstance(document.get("sessions"), list):
-                failed.append(
-                    {
-                        "instance": instance.url,
-                        "status": status or None,
-                        "error": problem or body_text(body),
-                    }
-                )
-                continue
-            succeeded += 1
-            for entry in document["sessions"]:
-                if isinstance(entry, dict):
-                    sessions.append({**entry, "instance": instance.url})
-                    sid = entry.get("session_id")
-                    if isinstance(sid, str):
-                        copies.setdefault(sid, []).append((instance, str(entry.get("status"))))
-        if succeeded == 0:
-            statuses = {a[1] for a in answers}
-            if len(statuses) == 1 and next(iter(statuses)) in (401, 403):
-                # Every instance refused the key: the client's to fix, said as the instances say it.
-                status = next(iter(statuses))
-                first_body = answers[0][2] or b"{}"
-                await _send_json_bytes(send, status, first_body, request_id)
-                return status
+        listing = await self.discovery.fleet_list(
+            "?" + query.decode("latin-1") if query else "",
+            Timeouts(self.settings.connect_timeout, self.settings.timeout_for(LIST_PATH)),
+            headers_for,
+        )
+        if listing.refused is not None:
+            # Every instance refused the key: the client's to fix, said as the instances say it.
+            status = listing.refused.status
+            await _send_json_bytes(send, status, listing.refused.body or b"{}", request_id)
+            return status
+        if not listing.answered:
             error = NoHealthyInstance("no instance answered the session list")
-            await self._send_error(send, error, request_id, 0, extra={"failed_instances": failed})
+            extra = {"failed_instances": listing.failed}
+            await self._send_error(send, error, request_id, 0, extra=extra)
             return error.status
-        await self._settle_copies(copies)
-        merged = {
-            "success": True,
-            "sessions": sessions,
-            "total": len(sessions),
-            "instances": len(everyone),
-            "failed_instances": failed,
-        }
-        await _send_json_bytes(send, 200, json.dumps(merged).encode(), request_id)
+        await self.attempts.settle_copies(listing.copies)
+        await _send_json_bytes(send, 200, json.dumps(listing.as_dict()).encode(), request_id)
         return 200
-
-    async def _settle_copies(self, copies: dict[str, list[tuple[Instance, str]]]) -> None:
-        """Sessions the list shows on several instances: every replica must route to one copy.
-        Without a database the rule alone decides; with one, the row breaks the tie, so the
-        entry is forgotten and the next request reads it."""
-        for session_id, holders in copies.items():
-            if len(holders) < 2:
-                continue
-            if self.store is None:
-                await self.table.put(session_id, choose_owner(holders).url)
-            else:
-                await self.table.forget(session_id)
-            self.router.confirmations.forget(session_id)
 
     async def _send_error(
         self,
@@ -602,33 +508,6 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]) -> _Seen:
             seen.idempotency_key = True
     seen.header_bytes = size
     return seen
-
-
-def _json_object(body: bytes | None) -> dict[str, Any] | None:
-    try:
-        document = json.loads(body) if body else None
-    except ValueError:
-        return None
-    return document if isinstance(document, dict) else None
-
-
-def body_text(body: bytes | None) -> str:
-    return (body or b"").decode("utf-8", "replace")[:200]
-
-
-async def _own_error(request: Request, exc: Exception) -> Response:
-    """The proxy's own endpoints answer errors in the same JSON shape as the proxy does."""
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    code = {404: "unknown-route", 405: "method-not-allowed", 500: "internal-error"}.get(
-        status, "proxy-error"
-    )
-    request_id = request.headers.get("x-request-id") or new_request_id()
-    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
-    return JSONResponse(
-        {"error": detail, "code": code, "request_id": request_id},
-        status_code=status,
-        headers={"x-proxy-error": code, "x-request-id": request_id},
-    )
 
 
 def create_app(

@@ -49,14 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy")
     _add_flags(serve, _COMMON_FLAGS | _SERVE_FLAGS)
 
-    simulate = commands.add_parser("simulate", help="run one simulated instance")
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, required=True)
-    simulate.add_argument("--name", default=None)
-    simulate.add_argument("--api-key", default="demo-key")
-    simulate.add_argument("--connect-delay", type=float, default=3.0)
-    simulate.add_argument("--sessions", default="", help="session ids present at start-up")
-    simulate.add_argument("--log", default=None, help="JSON-lines event log")
+    # Every argument after `simulate` (--help included) is the simulator's own: its parser,
+    # proxy/simulator.py main(), is the only one that declares them.
+    commands.add_parser("simulate", help="run one simulated instance", add_help=False)
 
     reconcile = commands.add_parser(
         "reconcile",
@@ -97,8 +92,15 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "simulate":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command == "simulate":
+            from . import simulator
+
+            return simulator.main(rest, prog=f"{parser.prog} simulate")
         if args.command == "serve":
             from .server import serve
 
@@ -109,18 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if value is not None:
                     os.environ[ENV_PREFIX + name.upper()] = value
             return serve(settings)
-        if args.command == "simulate":
-            from . import simulator
-
-            sim_argv = ["--host", args.host, "--port", str(args.port)]
-            sim_argv += ["--api-key", args.api_key, "--connect-delay", str(args.connect_delay)]
-            if args.name:
-                sim_argv += ["--name", args.name]
-            if args.sessions:
-                sim_argv += ["--sessions", args.sessions]
-            if args.log:
-                sim_argv += ["--log", args.log]
-            return simulator.main(sim_argv)
         if args.command == "reconcile":
             from .operations import reconcile_command
 

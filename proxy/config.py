@@ -2,17 +2,23 @@
 
 Nothing else in the package reads ``os.environ``: every module receives the ``Settings`` it needs.
 Every value is validated here, and a bad one stops start-up with a message naming the variable.
+
+Each setting is one line of ``Settings``: its type, its default and its parser (the field's
+``metadata["parse"]``). Its variable is ``SESSION_PROXY_`` + the field name in capitals.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "SESSION_PROXY_"
+
+T = TypeVar("T")
+Parser = Callable[[str, str], Any]  # (setting name, raw value) -> the value, or ConfigError
 
 
 class ConfigError(ValueError):
@@ -25,122 +31,6 @@ class RouteTimeout:
 
     prefix: str
     seconds: float
-
-
-@dataclass(frozen=True)
-class Settings:
-    # The fleet
-    instances: tuple[str, ...] = ()
-    instances_dns: str = ""
-    instances_dns_interval: float = 10.0
-    drain_timeout: float = 300.0
-    instance_aliases: tuple[tuple[str, str], ...] = ()
-    api_key: str = ""
-    # Storage
-    database_url: str = ""
-    cache_url: str = "memory://"
-    cache_ttl: float = 3600.0
-    negative_ttl: float = 5.0
-    table_name: str = "whatsapp_accounts"
-    column_session_id: str = "session_id"
-    column_instance_url: str = "assigned_instance_url"
-    column_status: str = "status"
-    column_deleted_at: str = "deleted_at"
-    active_status: str = "connected"
-    database_pool_size: int = 4
-    writeback_queue_limit: int = 100_000
-    # Routing
-    session_id_pattern: str = r"[A-Za-z0-9_-]{1,128}"
-    path_patterns: tuple[str, ...] = (
-        "/api/sessions/{id}",
-        "/api/messages/{id}",
-        "/api/internal/sessions/{id}",
-        "/sessions/{id}",
-        "/cleanup/{id}",
-        "/remoteauth/migration/{id}",
-    )
-    body_routes: tuple[str, ...] = (
-        "POST /api/messages/send",
-        "POST /api/messages/send-media",
-        "POST /api/messages/bulk-send",
-        "POST /api/sessions",
-    )
-    create_route: str = "POST /api/sessions"
-    # Routes the gateway answers with success for a session it does not hold (see the contract):
-    # they go only to an owner confirmed to hold the session, within CONFIRM_MAX_AGE seconds.
-    confirm_routes: tuple[str, ...] = (
-        "POST /api/messages/bulk-send",  # 200 with a per-recipient "Session not found"
-        "PUT /api/sessions/{id}/metadata",
-        "POST /api/sessions/{id}/restore",
-        "GET /api/internal/sessions/{id}/last-activity",
-    )
-    # Confirmed like the above; when no live instance holds the session, placed like a create.
-    start_routes: tuple[str, ...] = (
-        "POST /api/sessions/{id}/reconnect",
-        "POST /api/sessions/{id}/regenerate-qr",
-    )
-    # Sent to every instance holding the session, and to no other (it deletes the local files).
-    delete_route: str = "DELETE /api/sessions/{id}"
-    confirm_max_age: float = 2.0
-    # Disconnect the extra copies of a session found on several instances (reconcile, leader).
-    settle_duplicates: bool = False
-    list_route: str = "GET /api/sessions"
-    passthrough_routes: tuple[str, ...] = (
-        "/",
-        "/health",
-        "/health/*",
-        "/info",
-        "/cleanup/run",
-        "/cleanup/stats",
-        "/remoteauth/*",
-    )
-    # Timeouts: longer than the instance's own (60 s sessions, 45 s sends, 5 s health, 30 s other)
-    # so that the instance, not the proxy, is the one that gives up first.
-    upstream_client: str = "fast"
-    connect_timeout: float = 2.0
-    route_timeouts: tuple[RouteTimeout, ...] = (
-        RouteTimeout("/api/sessions", 65.0),
-        RouteTimeout("/api/messages", 50.0),
-        RouteTimeout("/health", 10.0),
-        RouteTimeout("/", 35.0),
-    )
-    discovery_timeout: float = 3.0
-    # Limits
-    max_body_size: int = 64 * 1024 * 1024
-    replay_body_limit: int = 1024 * 1024
-    max_header_bytes: int = 32 * 1024
-    max_in_flight: int = 4096
-    max_in_flight_per_client: int = 1024
-    client_header_timeout: float = 10.0
-    client_body_timeout: float = 30.0
-    max_attempts: int = 3
-    replay_deadline: float = 15.0
-    # Health checking
-    health_interval: float = 5.0
-    health_timeout: float = 2.0
-    eject_after_failures: int = 3
-    eject_base_seconds: float = 5.0
-    eject_max_seconds: float = 120.0
-    rediscovery_rate: float = 20.0
-    snapshot_interval: float = 1.0
-    # Reconcile
-    reconcile_interval: float = 300.0
-    # Operations
-    admin_token: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    log_format: str = "json"
-    log_level: str = "info"
-    shutdown_drain: float = 3.0
-    shutdown_grace: float = 20.0
-
-    def timeout_for(self, path: str) -> float:
-        best = RouteTimeout("", 35.0)
-        for rt in self.route_timeouts:
-            if path.startswith(rt.prefix) and len(rt.prefix) > len(best.prefix):
-                best = rt
-        return best.seconds
 
 
 # --- parsing -------------------------------------------------------------------------------------
@@ -174,6 +64,23 @@ def _int(name: str, value: str, minimum: int = 0) -> int:
     return number
 
 
+def _seconds(minimum: float) -> Parser:
+    """A number of seconds (or a rate), at least ``minimum``."""
+    return lambda name, value: _float(name, value, minimum)
+
+
+def _count(minimum: int) -> Parser:
+    return lambda name, value: _int(name, value, minimum)
+
+
+def _text(_name: str, value: str) -> str:
+    return value
+
+
+def _list(_name: str, value: str) -> tuple[str, ...]:
+    return _split(value)
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2}
 _SIZE_UNITS |= {"mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
 
@@ -203,6 +110,10 @@ def normalise_url(name: str, value: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
+def _urls(name: str, value: str) -> tuple[str, ...]:
+    return tuple(normalise_url(name, u) for u in _split(value))
+
+
 def _aliases(name: str, value: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in _split(value):
@@ -227,6 +138,10 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value.lower() not in choices:
         raise _bad(name, value, f"must be one of {', '.join(choices)}")
     return value.lower()
+
+
+def _one_of(*choices: str) -> Parser:
+    return lambda name, value: _choice(name, value, choices)
 
 
 def _identifier(name: str, value: str) -> str:
@@ -299,68 +214,6 @@ def _cache_url(name: str, value: str) -> str:
     return value
 
 
-_PARSERS: dict[str, Any] = {
-    "instances": lambda n, v: tuple(normalise_url(n, u) for u in _split(v)),
-    "instances_dns": lambda n, v: _dns(n, v),
-    "instances_dns_interval": lambda n, v: _float(n, v, 0.1),
-    "drain_timeout": lambda n, v: _float(n, v, 0.0),
-    "instance_aliases": _aliases,
-    "api_key": lambda n, v: v,
-    "database_url": _database_url,
-    "cache_url": _cache_url,
-    "cache_ttl": lambda n, v: _float(n, v, 1.0),
-    "negative_ttl": lambda n, v: _float(n, v, 0.0),
-    "table_name": _identifier,
-    "column_session_id": _identifier,
-    "column_instance_url": _identifier,
-    "column_status": _identifier,
-    "column_deleted_at": _identifier,
-    "active_status": lambda n, v: v,
-    "database_pool_size": lambda n, v: _int(n, v, 1),
-    "writeback_queue_limit": lambda n, v: _int(n, v, 1),
-    "session_id_pattern": _pattern,
-    "path_patterns": _path_patterns,
-    "body_routes": _routes,
-    "create_route": _route,
-    "list_route": _route,
-    "confirm_routes": _templates,
-    "start_routes": _templates,
-    "delete_route": _template,
-    "confirm_max_age": lambda n, v: _float(n, v, 0.0),
-    "settle_duplicates": _switch,
-    "passthrough_routes": lambda n, v: _split(v),
-    "upstream_client": lambda n, v: _choice(n, v, ("fast", "httpx")),
-    "connect_timeout": lambda n, v: _float(n, v, 0.001),
-    "route_timeouts": _route_timeouts,
-    "discovery_timeout": lambda n, v: _float(n, v, 0.001),
-    "max_body_size": _size,
-    "replay_body_limit": _size,
-    "max_header_bytes": _size,
-    "max_in_flight": lambda n, v: _int(n, v, 1),
-    "max_in_flight_per_client": lambda n, v: _int(n, v, 1),
-    "client_header_timeout": lambda n, v: _float(n, v, 0.1),
-    "client_body_timeout": lambda n, v: _float(n, v, 0.1),
-    "max_attempts": lambda n, v: _int(n, v, 1),
-    "replay_deadline": lambda n, v: _float(n, v, 0.001),
-    "health_interval": lambda n, v: _float(n, v, 0.05),
-    "health_timeout": lambda n, v: _float(n, v, 0.001),
-    "eject_after_failures": lambda n, v: _int(n, v, 1),
-    "eject_base_seconds": lambda n, v: _float(n, v, 0.0),
-    "eject_max_seconds": lambda n, v: _float(n, v, 0.0),
-    "rediscovery_rate": lambda n, v: _float(n, v, 0.1),
-    "snapshot_interval": lambda n, v: _float(n, v, 0.05),
-    "reconcile_interval": lambda n, v: _float(n, v, 0.0),
-    "admin_token": lambda n, v: v,
-    "host": lambda n, v: v,
-    "port": lambda n, v: _port(n, v),
-    "workers": lambda n, v: _int(n, v, 1),
-    "log_format": lambda n, v: _choice(n, v, ("json", "text")),
-    "log_level": lambda n, v: _choice(n, v, ("debug", "info", "warning", "error")),
-    "shutdown_drain": lambda n, v: _float(n, v, 0.0),
-    "shutdown_grace": lambda n, v: _float(n, v, 0.0),
-}
-
-
 def _port(name: str, value: str) -> int:
     port = _int(name, value, 0)
     if port > 65535:
@@ -375,6 +228,146 @@ def _dns(name: str, value: str) -> str:
     return value
 
 
+def _setting(default: T, parse: Parser) -> T:
+    """A field of ``Settings``: its default and how its variable's string is parsed."""
+    return field(default=default, metadata={"parse": parse})
+
+
+# --- the settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    # The fleet
+    instances: tuple[str, ...] = _setting((), _urls)
+    instances_dns: str = _setting("", _dns)
+    instances_dns_interval: float = _setting(10.0, _seconds(0.1))
+    drain_timeout: float = _setting(300.0, _seconds(0.0))
+    instance_aliases: tuple[tuple[str, str], ...] = _setting((), _aliases)
+    api_key: str = _setting("", _text)
+    # Storage
+    database_url: str = _setting("", _database_url)
+    cache_url: str = _setting("memory://", _cache_url)
+    cache_ttl: float = _setting(3600.0, _seconds(1.0))
+    negative_ttl: float = _setting(5.0, _seconds(0.0))
+    table_name: str = _setting("whatsapp_accounts", _identifier)
+    column_session_id: str = _setting("session_id", _identifier)
+    column_instance_url: str = _setting("assigned_instance_url", _identifier)
+    column_status: str = _setting("status", _identifier)
+    column_deleted_at: str = _setting("deleted_at", _identifier)
+    active_status: str = _setting("connected", _text)
+    database_pool_size: int = _setting(4, _count(1))
+    writeback_queue_limit: int = _setting(100_000, _count(1))
+    # Routing
+    session_id_pattern: str = _setting(r"[A-Za-z0-9_-]{1,128}", _pattern)
+    path_patterns: tuple[str, ...] = _setting(
+        (
+            "/api/sessions/{id}",
+            "/api/messages/{id}",
+            "/api/internal/sessions/{id}",
+            "/sessions/{id}",
+            "/cleanup/{id}",
+            "/remoteauth/migration/{id}",
+        ),
+        _path_patterns,
+    )
+    body_routes: tuple[str, ...] = _setting(
+        (
+            "POST /api/messages/send",
+            "POST /api/messages/send-media",
+            "POST /api/messages/bulk-send",
+            "POST /api/sessions",
+        ),
+        _routes,
+    )
+    create_route: str = _setting("POST /api/sessions", _route)
+    list_route: str = _setting("GET /api/sessions", _route)
+    # Routes the gateway answers with success for a session it does not hold (see the contract):
+    # they go only to an owner confirmed to hold the session, within CONFIRM_MAX_AGE seconds.
+    confirm_routes: tuple[str, ...] = _setting(
+        (
+            "POST /api/messages/bulk-send",  # 200 with a per-recipient "Session not found"
+            "PUT /api/sessions/{id}/metadata",
+            "POST /api/sessions/{id}/restore",
+            "GET /api/internal/sessions/{id}/last-activity",
+        ),
+        _templates,
+    )
+    # Confirmed like the above; when no live instance holds the session, placed like a create.
+    start_routes: tuple[str, ...] = _setting(
+        ("POST /api/sessions/{id}/reconnect", "POST /api/sessions/{id}/regenerate-qr"),
+        _templates,
+    )
+    # Sent to every instance holding the session, and to no other (it deletes the local files).
+    delete_route: str = _setting("DELETE /api/sessions/{id}", _template)
+    confirm_max_age: float = _setting(2.0, _seconds(0.0))
+    # Disconnect the extra copies of a session found on several instances (reconcile, leader).
+    settle_duplicates: bool = _setting(False, _switch)
+    passthrough_routes: tuple[str, ...] = _setting(
+        (
+            "/",
+            "/health",
+            "/health/*",
+            "/info",
+            "/cleanup/run",
+            "/cleanup/stats",
+            "/remoteauth/*",
+        ),
+        _list,
+    )
+    # Timeouts: longer than the instance's own (60 s sessions, 45 s sends, 5 s health, 30 s other)
+    # so that the instance, not the proxy, is the one that gives up first.
+    upstream_client: str = _setting("fast", _one_of("fast", "httpx"))
+    connect_timeout: float = _setting(2.0, _seconds(0.001))
+    route_timeouts: tuple[RouteTimeout, ...] = _setting(
+        (
+            RouteTimeout("/api/sessions", 65.0),
+            RouteTimeout("/api/messages", 50.0),
+            RouteTimeout("/health", 10.0),
+            RouteTimeout("/", 35.0),
+        ),
+        _route_timeouts,
+    )
+    discovery_timeout: float = _setting(3.0, _seconds(0.001))
+    # Limits
+    max_body_size: int = _setting(64 * 1024 * 1024, _size)
+    replay_body_limit: int = _setting(1024 * 1024, _size)
+    max_header_bytes: int = _setting(32 * 1024, _size)
+    max_in_flight: int = _setting(4096, _count(1))
+    max_in_flight_per_client: int = _setting(1024, _count(1))
+    client_header_timeout: float = _setting(10.0, _seconds(0.1))
+    client_body_timeout: float = _setting(30.0, _seconds(0.1))
+    max_attempts: int = _setting(3, _count(1))
+    replay_deadline: float = _setting(15.0, _seconds(0.001))
+    # Health checking
+    health_interval: float = _setting(5.0, _seconds(0.05))
+    health_timeout: float = _setting(2.0, _seconds(0.001))
+    eject_after_failures: int = _setting(3, _count(1))
+    eject_base_seconds: float = _setting(5.0, _seconds(0.0))
+    eject_max_seconds: float = _setting(120.0, _seconds(0.0))
+    rediscovery_rate: float = _setting(20.0, _seconds(0.1))
+    snapshot_interval: float = _setting(1.0, _seconds(0.05))
+    # Reconcile
+    reconcile_interval: float = _setting(300.0, _seconds(0.0))
+    # Operations
+    admin_token: str = _setting("", _text)
+    host: str = _setting("127.0.0.1", _text)
+    port: int = _setting(8080, _port)
+    workers: int = _setting(1, _count(1))
+    log_format: str = _setting("json", _one_of("json", "text"))
+    log_level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
+    shutdown_drain: float = _setting(3.0, _seconds(0.0))
+    shutdown_grace: float = _setting(20.0, _seconds(0.0))
+
+    def timeout_for(self, path: str) -> float:
+        best = RouteTimeout("", 35.0)
+        for rt in self.route_timeouts:
+            if path.startswith(rt.prefix) and len(rt.prefix) > len(best.prefix):
+                best = rt
+        return best.seconds
+
+
+_PARSERS: dict[str, Parser] = {f.name: f.metadata["parse"] for f in fields(Settings)}
 SETTING_NAMES = tuple(_PARSERS)
 
 

@@ -1,4 +1,5 @@
-"""Who holds session X: every available instance is asked at once; and what each instance holds.
+"""Who holds session X: every available instance is asked at once; and what each instance holds
+(inventories, snapshots and the merged fleet-wide list, all from one fan-out: ``ask_lists``).
 
 A probe is the instance's own status route with the proxy's own api key. When several instances
 hold the session (a restart starts every active account), every replica must pick the same copy:
@@ -16,13 +17,15 @@ requests it holds, and a crash that moves a thousand sessions costs one round of
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 from . import metrics
-from .client import Timeouts, UpstreamClient
+from .client import Headers, Timeouts, UpstreamClient
 from .config import Settings
 from .errors import ProxyError
 from .instances import Instance, InstanceSet
@@ -67,6 +70,49 @@ class Snapshot:
     taken_at: float
     holders: dict[str, list[tuple[str, str]]]  # session id -> [(instance url, status)]
     failed: int
+
+
+@dataclass
+class ListAnswer:
+    """One instance's answer to a session-list call, or the error that took its place."""
+
+    instance: Instance
+    status: int = 0  # 0: no answer at all
+    body: bytes | None = None
+    error: ProxyError | None = None
+
+    @property
+    def document(self) -> dict[str, Any] | None:
+        """The answer as a JSON object, when it is a 200 with one."""
+        if self.status != 200 or not self.body:
+            return None
+        try:
+            document = json.loads(self.body)
+        except ValueError:
+            return None
+        return document if isinstance(document, dict) else None
+
+
+@dataclass
+class FleetList:
+    """The fleet-wide session list, merged from every available instance's answer."""
+
+    members: int  # every instance in the set, asked or not
+    failed: list[dict[str, Any]]  # instance, status, error: the ones whose list is missing
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # each with its "instance"
+    answered: int = 0  # instances whose list was read
+    copies: dict[str, list[tuple[Instance, str]]] = field(default_factory=dict)  # id -> holders
+    # Nobody answered and every instance refused the key (401 or 403): the first refusal.
+    refused: ListAnswer | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "success": True,
+            "sessions": self.sessions,
+            "total": len(self.sessions),
+            "instances": self.members,
+            "failed_instances": self.failed,
+        }
 
 
 @dataclass
@@ -248,24 +294,94 @@ class Discovery:
         return self._snapshot
 
     async def inventory(self) -> Inventory:
-        """Every available instance's session list, fetched in parallel."""
+        """Every non-draining instance's session list, asked with the proxy's own key."""
         started = time.monotonic()
         inventory = Inventory()
-
-        async def fetch(instance: Instance) -> None:
-            try:
-                status, body = await self._client.get_json(
-                    instance.url, LIST_PATH + self._key_query, self._timeouts
-                )
-            except ProxyError as exc:
-                inventory.failed[instance.url] = exc.detail
-                return
-            if status != 200 or not isinstance(body, dict):
-                inventory.failed[instance.url] = f"list answered {status}"
-                return
-            sessions = body.get("sessions")
-            inventory.sessions[instance.url] = sessions if isinstance(sessions, list) else []
-
-        await asyncio.gather(*(fetch(i) for i in self._instances.all if not i.draining))
+        asked = [i for i in self._instances.all if not i.draining]
+        for answer in await self.ask_lists(asked, self._key_query, self._timeouts):
+            url = answer.instance.url
+            document = answer.document
+            if answer.error is not None:
+                inventory.failed[url] = answer.error.detail
+            elif document is None:
+                inventory.failed[url] = f"list answered {answer.status}"
+            else:
+                sessions = document.get("sessions")
+                inventory.sessions[url] = sessions if isinstance(sessions, list) else []
         inventory.seconds = time.monotonic() - started
         return inventory
+
+    async def fleet_list(
+        self, query: str, timeouts: Timeouts, headers_for: Callable[[Instance], Headers]
+    ) -> FleetList:
+        """The fleet-wide list a client asked for (``GET /api/sessions``): every available
+        instance asked with the client's own query and headers, the answers merged."""
+        everyone = self._instances.all
+        answers = await self.ask_lists(
+            [i for i in everyone if i.available], query, timeouts, headers_for
+        )
+        listing = FleetList(
+            members=len(everyone),
+            failed=[
+                {"instance": i.url, "status": None, "error": "ejected by health checks"}
+                for i in everyone
+                if not i.available
+            ],
+        )
+        for answer in answers:
+            instance = answer.instance
+            document = answer.document
+            entries = document.get("sessions") if document is not None else None
+            if not isinstance(entries, list):
+                problem = f"{answer.error.code}: {answer.error.detail}" if answer.error else ""
+                listing.failed.append(
+                    {
+                        "instance": instance.url,
+                        "status": answer.status or None,
+                        "error": problem or body_text(answer.body),
+                    }
+                )
+                continue
+            listing.answered += 1
+            for entry in entries:
+                if isinstance(entry, dict):
+                    listing.sessions.append({**entry, "instance": instance.url})
+                    sid = entry.get("session_id")
+                    if isinstance(sid, str):
+                        holders = listing.copies.setdefault(sid, [])
+                        holders.append((instance, str(entry.get("status"))))
+        if not listing.answered:
+            statuses = {a.status for a in answers}
+            if len(statuses) == 1 and next(iter(statuses)) in (401, 403):
+                listing.refused = answers[0]
+        return listing
+
+    async def ask_lists(
+        self,
+        instances: list[Instance],
+        query: str,
+        timeouts: Timeouts,
+        headers_for: Callable[[Instance], Headers] | None = None,
+    ) -> list[ListAnswer]:
+        """``GET /api/sessions`` + ``query`` on every one of ``instances`` at once: the one
+        fan-out behind inventories, snapshots and the fleet-wide list."""
+
+        async def ask(instance: Instance) -> ListAnswer:
+            headers = headers_for(instance) if headers_for else [(b"host", instance.host_header)]
+            try:
+                response = await self._client.send(
+                    "GET", instance.url, LIST_PATH + query, headers, b"", timeouts
+                )
+                try:
+                    body = await response.read()
+                finally:
+                    await response.close()
+            except ProxyError as error:
+                return ListAnswer(instance, error=error)
+            return ListAnswer(instance, response.status, body)
+
+        return list(await asyncio.gather(*(ask(i) for i in instances)))
+
+
+def body_text(body: bytes | None) -> str:
+    return (body or b"").decode("utf-8", "replace")[:200]

@@ -1,27 +1,24 @@
-"""The instance set: who may receive traffic, under which names, and whether they are healthy.
+"""The instance set: who may receive traffic, under which names, and in which state.
 
-Only members of this set are ever contacted, whatever a database row or a client says. Health is
-tracked actively (``GET /health`` on an interval) and passively (consecutive connection failures
-on real traffic); an ejected instance is skipped by placement and rediscovery until it passes a
-check again after a back-off that doubles with every ejection in a row.
+Only members of this set are ever contacted, whatever a database row or a client says. Each
+member carries its state (healthy or ejected and until when, draining, sessions held); the health
+checks that change it are ``health.py``'s, DNS membership ``dns.py``'s. An ejected or draining
+instance is skipped by placement.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import metrics
-from .client import Timeouts, UpstreamClient
 from .config import Settings, normalise_url
-from .errors import NoHealthyInstance, ProxyError
+from .errors import NoHealthyInstance
 
 log = logging.getLogger("session_proxy.instances")
 
@@ -95,7 +92,6 @@ def alias_key(value: str) -> str | None:
 
 class InstanceSet:
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
         self._configured_aliases = settings.instance_aliases
         self._by_url: dict[str, Instance] = {}
         self._by_alias: dict[str, Instance] = {}
@@ -204,153 +200,3 @@ class InstanceSet:
         start = next(self._rotation) % len(candidates)
         rotated = candidates[start:] + candidates[:start]  # ties go round, not to the first
         return min(rotated, key=lambda i: i.sessions)
-
-    # --- health ----------------------------------------------------------------------------------
-
-    def record_success(self, instance: Instance) -> None:
-        instance.consecutive_failures = 0
-
-    def record_failure(self, instance: Instance, error: str) -> None:
-        """A connection-level failure on real traffic; enough in a row ejects the instance."""
-        instance.last_error = error
-        instance.consecutive_failures += 1
-        if (
-            instance.healthy
-            and instance.consecutive_failures >= self._settings.eject_after_failures
-        ):
-            self._eject(instance, error)
-
-    def eject(self, instance: Instance, reason: str) -> None:
-        """Eject at once: used when a connection is refused (nothing listens there)."""
-        instance.last_error = reason
-        if instance.healthy:
-            self._eject(instance, reason)
-
-    def _eject(self, instance: Instance, reason: str) -> None:
-        s = self._settings
-        backoff = min(s.eject_max_seconds, s.eject_base_seconds * 2**instance.ejections_in_a_row)
-        instance.healthy = False
-        metrics.INSTANCE_HEALTHY.labels(instance.url).set(0)
-        metrics.EJECTIONS.labels(instance.url).inc()
-        instance.ejections_in_a_row += 1
-        instance.ejected_until = time.monotonic() + backoff
-        log.warning(
-            "instance ejected",
-            extra={"instance": instance.url, "reason": reason, "backoff_seconds": backoff},
-        )
-
-    def apply_check(self, instance: Instance, ok: bool, sessions: int | None, error: str) -> None:
-        """The result of one active check."""
-        now = time.monotonic()
-        instance.last_check_at = now
-        if sessions is not None:
-            instance.sessions = sessions
-        if not ok:
-            instance.last_error = error
-            if instance.healthy:
-                self._eject(instance, error)
-            return
-        instance.consecutive_failures = 0
-        if not instance.healthy and now >= instance.ejected_until:
-            instance.healthy = True
-            metrics.INSTANCE_HEALTHY.labels(instance.url).set(1)
-            log.info("instance restored", extra={"instance": instance.url})
-        elif instance.healthy and now >= instance.ejected_until + self._settings.eject_max_seconds:
-            instance.ejections_in_a_row = 0  # stable long enough: the next ejection starts short
-
-
-class HealthChecker:
-    """Active checks of every instance on an interval, all at once."""
-
-    def __init__(self, settings: Settings, instances: InstanceSet, client: UpstreamClient) -> None:
-        self._settings = settings
-        self._instances = instances
-        self._client = client
-        self._timeouts = Timeouts(settings.health_timeout, settings.health_timeout)
-
-    async def check(self, instance: Instance) -> None:
-        try:
-            status, body = await self._client.get_json(instance.url, "/health", self._timeouts)
-        except ProxyError as exc:
-            if instance.draining:
-                self._instances.remove(instance)  # drained and now gone
-                return
-            self._instances.apply_check(instance, False, None, exc.detail)
-            return
-        if instance.draining and (
-            time.monotonic() - instance.draining_since > self._settings.drain_timeout
-        ):
-            self._instances.remove(instance)
-            return
-        sessions = None
-        if isinstance(body, dict) and isinstance(body.get("sessions"), dict):
-            total = body["sessions"].get("total")
-            sessions = total if isinstance(total, int) else None
-        healthy = status == 200
-        self._instances.apply_check(instance, healthy, sessions, f"/health answered {status}")
-
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(i) for i in self._instances.all))
-
-    async def run(self) -> None:
-        while True:
-            await self.check_all()
-            await asyncio.sleep(self._settings.health_interval)
-
-
-Resolver = Callable[[str, int], Awaitable[list[str]]]
-
-
-async def resolve_system(host: str, port: int) -> list[str]:
-    """Every address the system resolver gives for ``host`` (a headless Service: all pods)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
-
-
-class DnsWatcher:
-    """Keeps the DNS-discovered part of the instance set equal to what ``INSTANCES_DNS``
-    resolves to, re-resolving every ``INSTANCES_DNS_INTERVAL`` seconds."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        instances: InstanceSet,
-        health: HealthChecker,
-        resolver: Resolver | None = None,
-    ) -> None:
-        host, _, port = settings.instances_dns.rpartition(":")
-        self._host = host.strip("[]")
-        self._port = int(port)
-        self._interval = settings.instances_dns_interval
-        self._instances = instances
-        self._health = health
-        self._resolver = resolver or resolve_system
-
-    async def refresh(self) -> tuple[list[Instance], list[Instance]]:
-        try:
-            addresses = await self._resolver(self._host, self._port)
-        except OSError as exc:
-            # A resolver hiccup must not empty the fleet: keep what we have.
-            log.warning(
-                "instance DNS lookup failed; keeping the current set",
-                extra={"dns_name": self._host, "error": str(exc)},
-            )
-            return [], []
-        urls = [
-            f"http://[{a}]:{self._port}" if ":" in a else f"http://{a}:{self._port}"
-            for a in addresses
-        ]
-        added, drained = self._instances.sync_dynamic(urls)
-        for instance in added:
-            log.info(
-                "instance discovered", extra={"instance": instance.url, "dns_name": self._host}
-            )
-        for instance in drained:
-            log.info("instance draining", extra={"instance": instance.url, "dns_name": self._host})
-        await asyncio.gather(*(self._health.check(i) for i in added))
-        return added, drained
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.refresh()

@@ -12,7 +12,8 @@ from .client import create_client
 from .config import ConfigError, Settings
 from .discovery import Discovery
 from .healing import DuplicateSettler
-from .instances import HealthChecker, InstanceSet
+from .health import HealthChecker
+from .instances import InstanceSet
 from .observe import configure_logging, redact
 from .reconcile import Reconciler
 from .store import Store

@@ -1941,9 +1941,9 @@ def _initial_sessions(listed: str, path: str | None) -> tuple[str, ...]:
     return tuple(i for i in ids if i)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m proxy.simulator") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.simulator",
+        prog=prog,
         description="A simulated WhatsApp gateway instance (no WhatsApp needed).",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -7,6 +7,7 @@
   and forgets that session's entry in every replica at once; after any disconnection the whole
   table is dropped, since notifications sent meanwhile are lost.
 - ``leader``: a session-level advisory lock, so one replica reconciles at a time.
+- ``migrate``: runs the statements of ``migrations.py`` (the trigger, a standalone table).
 
 The database going away never takes routing down: lookups are skipped while it is down (the
 fleet is asked instead) and write-backs wait.
@@ -26,11 +27,11 @@ import asyncpg
 
 from . import metrics
 from .config import Settings
+from .migrations import CHANNEL, migration_sql, quote_ident
 from .tasks import Supervisor
 
 log = logging.getLogger("session_proxy.store")
 
-CHANNEL = "session_proxy_owner"
 LOCK_NAME = "session-proxy-reconcile"
 LOOKUP_TIMEOUT = 1.0
 STATEMENT_TIMEOUT = 30.0
@@ -40,11 +41,6 @@ Invalidate = Callable[[str | None], Awaitable[None]]  # a session id, or None fo
 
 class StoreUnavailable(Exception):
     """The database cannot answer now; callers fall back to the fleet."""
-
-
-def quote_ident(name: str) -> str:
-    """Quote a (possibly schema-qualified) identifier; config already checked its characters."""
-    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
 
 
 @dataclass
@@ -395,7 +391,8 @@ class Store:
     # --- migrations ------------------------------------------------------------------------------
 
     async def migrate(self, create_table: bool) -> list[str]:
-        """Install the NOTIFY trigger (and, for standalone use, a minimal table)."""
+        """Run ``migrations.migration_sql`` in one transaction: the NOTIFY trigger (and, for
+        standalone use, a minimal table). Returns the labels of the steps done."""
         done: list[str] = []
         sql = migration_sql(self.settings, create_table)
         conn = await asyncpg.connect(self.settings.database_url, timeout=10.0)
@@ -407,65 +404,3 @@ class Store:
         finally:
             await conn.close()
         return done
-
-
-def migration_sql(settings: Settings, create_table: bool) -> list[tuple[str, str]]:
-    table = quote_ident(settings.table_name)
-    sid = quote_ident(settings.column_session_id)
-    url = quote_ident(settings.column_instance_url)
-    status = quote_ident(settings.column_status)
-    deleted = quote_ident(settings.column_deleted_at)
-    function = quote_ident("session_proxy_notify_" + settings.table_name.replace(".", "_"))
-    trigger = quote_ident("session_proxy_notify")
-    statements: list[tuple[str, str]] = []
-    if create_table:
-        statements.append(
-            (
-                f"table {settings.table_name}",
-                f"""CREATE TABLE IF NOT EXISTS {table} (
-                    id bigserial PRIMARY KEY,
-                    {sid} varchar(255) UNIQUE,
-                    {url} varchar(255),
-                    {status} varchar(32) NOT NULL DEFAULT '{settings.active_status}',
-                    instance_migration_count integer NOT NULL DEFAULT 0,
-                    last_instance_migration_at timestamptz,
-                    {deleted} timestamptz,
-                    updated_at timestamptz NOT NULL DEFAULT now()
-                )""",
-            )
-        )
-    statements.append(
-        (
-            "notify function",
-            f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-                LANGUAGE plpgsql AS $body$
-                BEGIN
-                  IF TG_OP = 'DELETE' THEN
-                    IF OLD.{sid} IS NOT NULL THEN PERFORM pg_notify('{CHANNEL}', OLD.{sid}); END IF;
-                    RETURN OLD;
-                  END IF;
-                  IF NEW.{sid} IS NOT NULL AND (TG_OP = 'INSERT'
-                      OR NEW.{url} IS DISTINCT FROM OLD.{url}
-                      OR NEW.{status} IS DISTINCT FROM OLD.{status}
-                      OR NEW.{deleted} IS DISTINCT FROM OLD.{deleted}
-                      OR NEW.{sid} IS DISTINCT FROM OLD.{sid}) THEN
-                    PERFORM pg_notify('{CHANNEL}', NEW.{sid});
-                    IF TG_OP = 'UPDATE' AND OLD.{sid} IS DISTINCT FROM NEW.{sid}
-                       AND OLD.{sid} IS NOT NULL THEN
-                      PERFORM pg_notify('{CHANNEL}', OLD.{sid});
-                    END IF;
-                  END IF;
-                  RETURN NEW;
-                END
-                $body$""",
-        )
-    )
-    statements.append(("drop old trigger", f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
-    statements.append(
-        (
-            "notify trigger",
-            f"CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table} "
-            f"FOR EACH ROW EXECUTE FUNCTION {function}()",
-        )
-    )
-    return statements

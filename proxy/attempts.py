@@ -1,4 +1,4 @@
-"""The replay policy: where a request goes, what a failed attempt means, and whether to try again.
+"""The attempt loop: where a request goes, what a failed attempt means, whether to try again.
 
 - refused, connect timeout, owner ejected (the request never left): replay, any method;
 - the instance's own 404 "Session not found" (it refused the request): rediscover, replay, any
@@ -36,12 +36,14 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .forward import buffered_body, is_session_not_found
+from .health import HealthChecker
 from .instances import Instance, InstanceSet
-from .owners import Confirmations
+from .owners import Confirmations, choose_owner
 from .sessions import Role
 from .store import Store, StoreUnavailable
 from .table import NEGATIVE, RoutingTable
 
+# The logger these lines have always had (this was replay.py): log filters keep working.
 log = logging.getLogger("session_proxy.replay")
 
 _CONFIRM_HELD = metrics.OWNER_CONFIRMATIONS.labels("held")
@@ -96,13 +98,15 @@ class OutgoingRequest:
         return not isinstance(self.body, StreamedBody) or not self.body.started
 
 
-class Router:
-    """Finds owners and runs the attempt loop for every kind of request."""
+class Attempts:
+    """The attempt loop for every kind of request, and the owners it needs: found, confirmed,
+    rediscovered after a failure, recorded."""
 
     def __init__(
         self,
         settings: Settings,
         instances: InstanceSet,
+        health: HealthChecker,
         table: RoutingTable,
         discovery: Discovery,
         client: UpstreamClient,
@@ -110,6 +114,7 @@ class Router:
     ) -> None:
         self.settings = settings
         self.instances = instances
+        self.health = health
         self.table = table
         self.discovery = discovery
         self.client = client
@@ -235,6 +240,19 @@ class Router:
             raise SessionNotFound()
         return instance
 
+    async def settle_copies(self, copies: dict[str, list[tuple[Instance, str]]]) -> None:
+        """Sessions the fleet list shows on several instances: every replica must route to one
+        copy. Without a database the rule alone decides; with one, the row breaks the tie, so
+        the entry is forgotten and the next request reads it."""
+        for session_id, holders in copies.items():
+            if len(holders) < 2:
+                continue
+            if self.store is None:
+                await self.table.put(session_id, choose_owner(holders).url)
+            else:
+                await self.table.forget(session_id)
+            self.confirmations.forget(session_id)
+
     # --- the attempt loop ------------------------------------------------------------------------
 
     async def to_session(
@@ -278,11 +296,11 @@ class Router:
             status = await self.discovery.probe(owner, session_id)
         except UpstreamUnreachable as error:
             _CONFIRM_FAILED.inc()
-            self.instances.eject(owner, error.detail)
+            self.health.eject(owner, error.detail)
             raise
         except ProxyError as error:
             _CONFIRM_FAILED.inc()
-            self.instances.record_failure(owner, error.detail)
+            self.health.record_failure(owner, error.detail)
             # Only the probe was sent, never the request itself: it may be tried again, but
             # nobody may conclude that the owner is gone (a start would then be placed twice).
             raise OwnerUnconfirmed(
@@ -424,12 +442,12 @@ class Router:
         except Overloaded:
             raise  # the proxy's own connection cap for that instance: not the instance's fault
         except UpstreamUnreachable as error:
-            self.instances.eject(instance, error.detail)
+            self.health.eject(instance, error.detail)
             raise
         except ProxyError as error:
-            self.instances.record_failure(instance, error.detail)
+            self.health.record_failure(instance, error.detail)
             raise
-        self.instances.record_success(instance)
+        self.health.record_success(instance)
         body = None
         if session_aware and response.status == 404:
             # Read whatever the framing (a chunked "Session not found" too): 404s are small.
