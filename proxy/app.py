@@ -200,6 +200,7 @@ class ProxyApp:
         status = 500
         code = ""
         attempts = 0
+        failed_instance: str | None = None
         outcome = "proxied"
         self.in_flight += 1
         self._per_client[peer] = self._per_client.get(peer, 0) + 1
@@ -239,6 +240,7 @@ class ProxyApp:
                 # Nothing went to the client yet: it gets a clean error, the instance a mark.
                 self.health.record_failure(answer.instance, error.detail)
                 error.attempts = answer.attempts
+                error.instance = answer.instance.url
                 raise
             headers = response_headers(
                 response, answer.instance.url, request_id.encode("latin-1"), answer.attempts
@@ -248,6 +250,7 @@ class ProxyApp:
             await relay(send, response, headers, content)
         except ProxyError as error:
             status, code, attempts, outcome = error.status, error.code, error.attempts, "error"
+            failed_instance = error.instance
             metrics.ERRORS.labels(code).inc()
             if not responding:
                 await self._send_error(send, error, request_id, error.attempts)
@@ -294,7 +297,7 @@ class ProxyApp:
                         "path": scope["path"],
                         "session_id": session_id,
                         "status": status,
-                        "instance": answer.instance.url if answer else None,
+                        "instance": answer.instance.url if answer else failed_instance,
                         "attempts": answer.attempts if answer else attempts,
                         "outcome": outcome,
                         "error_code": code or None,
@@ -443,6 +446,9 @@ class ProxyApp:
         ]
         if attempts:
             headers.append((b"x-proxy-attempts", str(attempts).encode()))
+        if error.instance is not None:
+            # Which instance failed (a dead one, say): the operator's first question.
+            headers.append((b"x-proxy-instance", error.instance.encode("latin-1")))
         if error.retry_after is not None:
             headers.append((b"retry-after", str(error.retry_after).encode()))
         await send({"type": "http.response.start", "status": error.status, "headers": headers})

@@ -192,10 +192,12 @@ class Attempts:
                 raise
             # Nobody else holds it: the truthful answer is what happened to the owner.
             if isinstance(error, UpstreamUnreachable):
-                raise OwnerGone(
+                gone = OwnerGone(
                     f"the instance holding the session ({failed.url}) cannot be reached and no "
                     "other instance holds it"
-                ) from None
+                )
+                gone.instance = failed.url
+                raise gone from None
             raise error from None
         log.info(
             "session rediscovered",
@@ -442,9 +444,11 @@ class Attempts:
         except Overloaded:
             raise  # the proxy's own connection cap for that instance: not the instance's fault
         except UpstreamUnreachable as error:
+            error.instance = instance.url
             self.health.eject(instance, error.detail)
             raise
         except ProxyError as error:
+            error.instance = instance.url
             self.health.record_failure(instance, error.detail)
             raise
         self.health.record_success(instance)

@@ -16,6 +16,7 @@ class ProxyError(Exception):
         self.detail = detail or self.message
         self.retry_after = retry_after
         self.attempts = 0  # tries made before giving up; set by the attempt loop
+        self.instance: str | None = None  # the instance whose failure this is, when there is one
         super().__init__(self.detail)
 
 

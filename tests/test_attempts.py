@@ -132,6 +132,7 @@ def test_a_refused_post_whose_session_nobody_else_holds_is_an_honest_502() -> No
     assert answer.status_code == 502
     assert answer.headers["x-proxy-error"] == "upstream-unreachable"
     assert "no other instance holds it" in answer.json()["error"]
+    assert answer.headers["x-proxy-instance"] == f"http://{A}"  # names the dead owner
 
 
 def test_a_refused_post_is_replayed_on_the_new_owner() -> None:

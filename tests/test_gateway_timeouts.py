@@ -79,6 +79,7 @@ def test_a_bulk_send_that_kills_its_instance_is_ambiguous_and_not_replayed(
         )
         assert answer.status_code == 502, answer.text
         assert answer.headers["x-proxy-error"] == "upstream-ambiguous"
+        assert answer.headers["x-proxy-instance"] == doomed.url  # the error names who failed
         doomed.wait(timeout=10)
         assert not doomed.alive  # the instance crashed, as the real one does
         sent_before_crash = len(doomed.events("sent"))
@@ -113,6 +114,7 @@ def test_a_send_that_hangs_until_its_instance_dies_is_ambiguous_and_not_replayed
         )
         assert answer.status_code == 502, answer.text
         assert answer.headers["x-proxy-error"] == "upstream-ambiguous"
+        assert answer.headers["x-proxy-instance"] == doomed.url  # the error names who failed
         doomed.wait(timeout=10)
         assert not doomed.alive
         assert other.events("sent") == []
