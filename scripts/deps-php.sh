@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by ./dev test: PHP with Guzzle, the client Laravel's HTTP client is built on, so the
 # suite can show that a real PHP application reads the proxy's answers during a failover.
 # Debian packages are used (not Composer) because the machines reach the Debian mirror and the
@@ -13,13 +14,9 @@ ensure_php() {
   if php_has_guzzle; then
     return 0
   fi
-  # The package lists are refreshed at most once per shell: a second call within the same
-  # ./dev run should not pay for another download.
-  if [ -z "${_SESSION_PROXY_APT_UPDATED:-}" ]; then
-    apt-get update -qq
-    _SESSION_PROXY_APT_UPDATED=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq php-cli php-curl php-guzzlehttp-guzzle >/dev/null
+  # The package lists are refreshed at most once per shell (scripts/apt.sh): a second call
+  # within the same ./dev run does not pay for another download.
+  sp_apt_install php-cli php-curl php-guzzlehttp-guzzle >/dev/null || return 1
   if ! php_has_guzzle; then
     echo "ensure_php: php-guzzlehttp-guzzle installed but $GUZZLE_AUTOLOAD does not load" >&2
     return 1

@@ -1,6 +1,9 @@
+# shellcheck shell=bash
 # Sourced by ./dev test: makes sure what the tests use is on the machine, installing packages and
 # starting throwaway services when it has none. Exports what the tests read.
 here="$(dirname "${BASH_SOURCE[0]}")"
+# shellcheck source=scripts/apt.sh
+source "$here/apt.sh"
 # shellcheck source=scripts/deps-php.sh
 source "$here/deps-php.sh"
 # shellcheck source=scripts/deps-postgres.sh

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +39,23 @@ def start_fleet(
     env: dict[str, str] | None = None,
     prefix: str = "webjs_1_1732800000_",
 ) -> Fleet:
-    instances: list[Simulator] = []
+    owned = [[f"{prefix}{n}{k:07d}" for k in range(sessions_per_instance)] for n in range(count)]
+    # The instances start side by side: each start is mostly waiting for a fresh interpreter.
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        starting = [
+            pool.submit(Simulator.start, tmp, f"instance-{n + 1}", sessions=ids, api_key=API_KEY)
+            for n, ids in enumerate(owned)
+        ]
+        wait(starting)
+    started = [f.result() for f in starting if f.exception() is None]
+    failed = next((f.exception() for f in starting if f.exception() is not None), None)
+    if failed is not None:
+        for sim in started:
+            sim.kill()
+        raise failed
+    instances: list[Simulator] = started
     owners: dict[str, Simulator] = {}
-    for n in range(count):
-        ids = [f"{prefix}{n}{k:07d}" for k in range(sessions_per_instance)]
-        sim = Simulator.start(tmp, f"instance-{n + 1}", sessions=ids, api_key=API_KEY)
-        instances.append(sim)
+    for sim, ids in zip(instances, owned, strict=True):
         owners.update(dict.fromkeys(ids, sim))
     proxy_env = {
         "SESSION_PROXY_INSTANCES": ",".join(s.url for s in instances),
@@ -56,9 +69,16 @@ def start_fleet(
 
 
 def stop_fleet(fleet: Fleet) -> None:
-    fleet.proxy.stop()
-    for sim in fleet.instances:
-        sim.stop()
+    """SIGTERM to the proxy and every instance at once, then wait for each (SIGKILL after the
+    grace): stopping them one by one paid every process's exit time in turn."""
+    children = [fleet.proxy, *fleet.instances]
+    for child in children:
+        child.terminate()
+    for child in children:
+        try:
+            child.wait()
+        except subprocess.TimeoutExpired:
+            child.kill()
 
 
 @pytest.fixture(scope="module")

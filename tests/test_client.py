@@ -342,7 +342,7 @@ def test_an_unasked_answer_on_an_idle_connection_closes_it(run: Any) -> None:
     def handler(peer: Peer) -> None:
         peer.read_request()
         peer.send(OK)
-        time.sleep(0.05)
+        time.sleep(0.05)  # on purpose: the unasked answer comes after the asked one
         peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlater")
         peer.until_eof()
 
@@ -756,7 +756,7 @@ def test_idle_connections_expire_while_newer_ones_are_reused(
                 if time.monotonic() > until:
                     break
                 await fetch(client, up.base, "/one")
-                await asyncio.sleep(0.03)
+                await asyncio.sleep(0.03)  # paces the steady traffic, on purpose
             assert pool.open == 1 and len(pool.idle) == 1
             assert await up.eofs(burst - 1) == burst - 1
             await asyncio.sleep(0.5)  # no traffic: the last one expires too
@@ -774,7 +774,7 @@ def test_connections_per_instance_are_capped(run: Any, monkeypatch: pytest.Monke
     def handler(peer: Peer) -> None:
         for _ in range(100):
             peer.read_request()
-            time.sleep(0.05)
+            time.sleep(0.05)  # on purpose: a slow instance, so requests queue for connections
             peer.send(OK)
 
     async def main() -> None:
@@ -799,20 +799,26 @@ def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout(
         for _ in range(100):
             request = peer.read_request()
             if peer.path(request) == b"/slow":
-                time.sleep(0.6)
+                time.sleep(0.6)  # on purpose: holds the only connection
             peer.send(OK)
 
     async def main() -> None:
         client = FastClient()
         with instance(handler) as up:
             slow = asyncio.create_task(fetch(client, up.base, "/slow"))
-            await asyncio.sleep(0.05)
+            for _ in range(400):  # polled for: the slow one has the only connection
+                if pool_of(client, up.base).open == 1:
+                    break
+                await asyncio.sleep(0.005)
             started = time.monotonic()
             with pytest.raises(Overloaded) as caught:
                 await fetch(client, up.base, "/waits", timeouts=Timeouts(0.2, 2.0))
             took = time.monotonic() - started
             cancelled = asyncio.create_task(fetch(client, up.base, "/cancelled"))
-            await asyncio.sleep(0.05)
+            for _ in range(400):  # polled for: it waits for the connection
+                if pool_of(client, up.base).waiters:
+                    break
+                await asyncio.sleep(0.005)
             cancelled.cancel()
             assert (await slow)[0] == 200
             assert (await fetch(client, up.base, "/after"))[0] == 200
@@ -888,7 +894,7 @@ def test_body_idle_timeout_on_a_stalled_answer(run: Any) -> None:
 def test_body_idle_timeout_on_a_stalled_request_body(run: Any) -> None:
     async def stalls() -> AsyncIterator[bytes]:
         yield b"a"
-        await asyncio.sleep(10)
+        await asyncio.sleep(10)  # on purpose: the body stalls past the idle timeout
         yield b"never"
 
     def handler(peer: Peer) -> None:
@@ -965,7 +971,7 @@ def test_an_early_answer_while_the_body_streams_is_read(run: Any, reads: bool) -
     async def slowly() -> AsyncIterator[bytes]:
         for _ in range(200):
             yield b"y" * 65536
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # paces the upload, on purpose
 
     async def main() -> None:
         client = FastClient()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import API_KEY, Fleet, start_fleet, stop_fleet
+from tests.helpers.processes import Simulator
 
 
 @pytest.fixture
@@ -89,8 +90,15 @@ def test_passing_checks_do_not_end_an_ejection_early(fleet: Fleet) -> None:
     sick.set_faults(unhealthy=True)
     _wait_for(lambda: _state(fleet, sick.url)["ejected"])
     sick.set_faults(unhealthy=False)
-    time.sleep(0.5)  # several passing checks, but the 1 s back-off is not over
+    passed_before = _passed_checks(sick)
+    # Polled for: two passing checks reached it (a fixed 0.5 s only hoped for "several"), and the
+    # 1 s back-off is not over yet.
+    _wait_for(lambda: _passed_checks(sick) >= passed_before + 2, timeout=5.0)
     assert _state(fleet, sick.url)["ejected"] is True
+
+
+def _passed_checks(sim: Simulator) -> int:
+    return sum(1 for e in sim.requests() if e["path"] == "/health" and e["status"] == 200)
 
 
 def test_a_flapping_instance_is_not_stormed_and_others_keep_serving(tmp_path: Path) -> None:
@@ -138,7 +146,7 @@ def test_a_flapping_instance_is_not_stormed_and_others_keep_serving(tmp_path: Pa
                         ).status_code
                     )
                 n += 1
-                time.sleep(0.02)
+                time.sleep(0.02)  # paces the traffic, on purpose
         if not b.alive:
             b.restart(sessions=on_b)
         reached_b = len([e for e in b.requests() if not e["path"].startswith("/health")]) - before

@@ -97,7 +97,10 @@ def test_ten_thousand_logged_requests_carry_no_secret(tmp_path: Path) -> None:
     )
     try:
         statuses = asyncio.run(_secret_traffic(proxy.url, 10_000))
-        time.sleep(0.5)
+        # Polled for (up to 10 s) instead of a fixed 0.5 s: every request's line is in the log.
+        deadline = time.monotonic() + 10
+        while proxy.log_text().count('"msg":"request"') < 10_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         proxy.stop()
         sim.stop()
@@ -242,6 +245,8 @@ async def _sigterm_under_load(proxy: ProxyProcess) -> dict[str, object]:
         tasks = [
             asyncio.create_task(client.post("/api/messages/send", json=body)) for _ in range(50)
         ]
+        # On purpose: the 50 get to the instance (it logs a send only when it ends, 2 s later,
+        # so there is nothing to poll for) before the signal.
         await asyncio.sleep(0.7)
         proxy.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -250,15 +255,22 @@ async def _sigterm_under_load(proxy: ProxyProcess) -> dict[str, object]:
         async with httpx.AsyncClient(trust_env=False, timeout=5) as fresh:
             while ready == 200 and time.monotonic() - signalled < 0.9:
                 ready = (await fresh.get(proxy.url + "/readyz")).status_code
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # polling interval
         responses = await asyncio.gather(*tasks)
-        await asyncio.sleep(1.0)  # the drain is over: the listener is closed
+        # The drain is over: within 1 s the listener is closed. Polled for instead of a fixed 1 s
+        # wait; a connection reset on the way (a worker going away) is not a refusal yet.
         refused = False
-        try:
-            async with httpx.AsyncClient(trust_env=False, timeout=2) as late:
-                await late.get(proxy.url + "/healthz")
-        except httpx.ConnectError:
-            refused = True
+        deadline = time.monotonic() + 1.0
+        while not refused and time.monotonic() < deadline:
+            try:
+                async with httpx.AsyncClient(trust_env=False, timeout=2) as late:
+                    await late.get(proxy.url + "/healthz")
+            except httpx.ConnectError:
+                refused = True
+            except httpx.TransportError:
+                pass
+            if not refused:
+                await asyncio.sleep(0.05)
     statuses: dict[int, int] = {}
     for r in responses:
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1

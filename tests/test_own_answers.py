@@ -142,7 +142,7 @@ def _send_in_pieces(port: int, first: bytes) -> tuple[bytes, float, bool]:
     started = time.monotonic()
     with socket.create_connection((HOST, port), timeout=5) as sock:
         sock.sendall(first)
-        time.sleep(0.2)
+        time.sleep(0.2)  # on purpose: the rest comes in a later packet
         sock.sendall(b"ions/s1/status\r\n")
         received = b""
         while chunk := sock.recv(65536):
@@ -162,6 +162,8 @@ def test_what_the_parser_refuses_is_answered_in_the_proxys_json(
         answer, took, closed = _send_in_pieces(proxy.port, data)
     else:
         answer, took, closed = raw_exchange(proxy.port, data)
+    # On purpose: the claim is that nothing reaches the instance, and there is no event to poll
+    # for; a forwarded request would have been logged there well within this.
     time.sleep(0.1)
     reached = forwarded(sim, before)
     print(f"\n{name}: {answer[:60]!r}... after {took:.2f} s, closed={closed}, forwarded={reached}")
@@ -233,16 +235,19 @@ def test_a_large_body_is_scanned_for_its_session_id_without_holding_the_loop(
                 started = time.monotonic()
                 client.get("/healthz")
                 latencies.append(time.monotonic() - started)
-                time.sleep(0.01)
+                time.sleep(0.01)  # paces the probes, on purpose
 
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        time.sleep(0.2)
+        # The poller is measuring before the body goes (polled for, instead of a fixed 0.2 s).
+        deadline = time.monotonic() + 5
+        while len(latencies) < 3 and poller.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
         started = time.monotonic()
         r = httpx.post(proxy.url + "/api/messages/send", content=dense, trust_env=False, timeout=60)
         took = time.monotonic() - started
-        time.sleep(0.1)
+        time.sleep(0.1)  # on purpose: the poller goes on a moment after the answer
     finally:
         done.set()
         poller.join()
@@ -381,13 +386,13 @@ async def serve(reader, writer):
             for _ in range(3):
                 writer.write(b"4000\r\n" + b"a" * 0x4000 + b"\r\n")
                 await writer.drain()
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # on purpose: the chunks come apart
             writer.transport.abort()
             return
         elif path == b"/stream/die":  # 2 MB announced, 300 KB sent, then the process dies
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n" + b"b" * 300_000)
             await writer.drain()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # on purpose: the start of the body reaches the proxy first
             os._exit(1)
         await writer.drain()
 
@@ -461,6 +466,10 @@ def test_instance_sent_proxy_headers_never_reach_the_client(
 # --- 4. an instance failing mid-body -------------------------------------------------------------
 
 
+def _warnings_and_errors(log: str) -> int:
+    return sum('"level":"warning"' in line or '"level":"error"' in line for line in log.split("\n"))
+
+
 def test_an_instance_failing_mid_body_is_one_log_line_not_a_traceback(
     fake: tuple[FakeInstance, ProxyProcess],
 ) -> None:
@@ -479,7 +488,10 @@ def test_an_instance_failing_mid_body_is_one_log_line_not_a_traceback(
             except httpx.HTTPError:
                 broke = True
         outcomes[path] = (status, received, broke)
-    time.sleep(0.3)
+    # Polled for (up to 5 s) instead of a fixed 0.3 s: the two failures' lines are in the log.
+    deadline = time.monotonic() + 5
+    while _warnings_and_errors(proxy.log_text()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     log = proxy.log_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     failures = [line for line in lines if line["level"] in ("warning", "error")]
@@ -537,7 +549,12 @@ def test_no_api_key_reaches_a_json_log_line_in_any_spelling(
             client.post("/api/messages/send", content=f'{{"api_key":"{k}", "session_id": ')
             requests += 6
             print(f"\n{name}: {spelling}")
-    time.sleep(0.3)
+        # A last request, whose access line is polled for (instead of a fixed 0.3 s): the
+        # requests are one after another, so the lines of all the others are in by then.
+        client.get(f"/api/sessions/{SID}/status", headers={"x-request-id": "spellings-done"})
+    deadline = time.monotonic() + 5
+    while '"request_id":"spellings-done"' not in proxy.log_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
     log = proxy.log_text()
     lines = log.splitlines()
     access = [
@@ -585,7 +602,7 @@ async def test_a_failure_of_the_proxy_itself_is_answered_in_its_own_shape() -> N
         "client": ("127.0.0.1", 1),
     }
     await app(scope, receive, send)
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop, for anything the answer scheduled
     headers = {n.decode(): v.decode() for n, v in sent[0]["headers"]}
     print(f"\n{sent[0]['status']} {headers} {sent[1]['body']!r}")
     assert_own_error(sent[0]["status"], headers, sent[1]["body"], (500, "internal-error"))

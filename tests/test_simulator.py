@@ -707,7 +707,7 @@ async def test_send_delay_makes_sends_slow() -> None:
 async def test_a_session_closed_during_a_slow_send(client: httpx.AsyncClient) -> None:
     await client.post("/_sim/faults", json={"send_delay": 0.2})
     slow = asyncio.create_task(client.post("/api/messages/send", json=send_body()))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # on purpose: the send is in its 0.2 s delay (nothing shows that)
     await client.request("DELETE", f"/api/sessions/{SID}", json={"api_key": KEY})
     response = await slow
     assert (response.status_code, response.json()) == (

@@ -228,7 +228,7 @@ class _Outbox:
             item = await self._queue.get()
             wait = item.at - self._loop.time()
             if wait > 0:
-                await asyncio.sleep(wait)
+                await asyncio.sleep(wait)  # on purpose: the injected latency
             if item.eof:
                 if self._writer.can_write_eof():
                     self._writer.write_eof()

@@ -540,7 +540,16 @@ class ProxyProcess(_Child):
 
         def build(p: int) -> Popen:
             used.clear()
-            used.update({"SESSION_PROXY_HOST": HOST, "SESSION_PROXY_PORT": str(p), **env})
+            # No drain on SIGTERM unless the test sets one: the 3 s default is for load balancers
+            # to notice the 503s, and every stop() at a test's end would wait it out.
+            used.update(
+                {
+                    "SESSION_PROXY_HOST": HOST,
+                    "SESSION_PROXY_PORT": str(p),
+                    "SESSION_PROXY_SHUTDOWN_DRAIN": "0",
+                    **env,
+                }
+            )
             return spawn([sys.executable, "-m", "proxy", *args], output=output, env=child_env(used))
 
         chosen, proc = _start_listening(
