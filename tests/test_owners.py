@@ -61,12 +61,25 @@ def test_confirmations_expire_and_name_one_instance() -> None:
     assert not confirmations.is_fresh("s1", A.url)
 
 
-def test_confirmations_stay_bounded_under_a_flood_of_ids() -> None:
-    confirmations = Confirmations(max_age=60.0, limit=100)
-    for n in range(10_000):
+def test_confirmations_keep_only_what_can_still_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory follows the sessions confirmed within max_age, not every session ever seen."""
+    from proxy import owners
+
+    now = [1000.0]
+    monkeypatch.setattr(owners.time, "monotonic", lambda: now[0])
+    confirmations = Confirmations(max_age=2.0)
+    for n in range(100_000):
+        now[0] += 0.001  # 1,000 confirmations a second: ~2,000 can count at any time
         confirmations.confirm(f"s{n}", A.url)
-    assert len(confirmations) == 100
-    assert confirmations.is_fresh("s9999", A.url) and not confirmations.is_fresh("s0", A.url)
+    assert len(confirmations) <= 4 * 2_000
+    assert confirmations.is_fresh("s99999", A.url) and not confirmations.is_fresh("s0", A.url)
+
+
+def test_confirmations_have_a_hard_bound() -> None:
+    confirmations = Confirmations(max_age=3600.0, limit=5_000)
+    for n in range(20_000):
+        confirmations.confirm(f"s{n}", A.url)
+    assert len(confirmations) < 5_000 * 2
 
 
 @pytest.mark.parametrize(
