@@ -3,10 +3,12 @@
 #
 #   sudo scripts/smoke-podman.sh          (root: podman, apt-get, debootstrap)
 #
-# 1. installs podman/buildah/runc/debootstrap when missing (Debian/Ubuntu, apt-get);
+# 1. installs podman/buildah/runc/debootstrap/redis-server when missing (Debian/Ubuntu, apt-get);
 # 2. builds a local base image with debootstrap when $SMOKE_BASE is missing and is the default
 #    localhost/bookworm-py:local (no registry pull needed), then builds the Dockerfile on it;
-# 3. starts two simulated instances on the host (127.0.0.1; the first holds s1 and s2);
+# 3. starts two simulated instances on the host (127.0.0.1; the first holds s1 and s2) and a
+#    throwaway Redis (127.0.0.1, a free port, no persistence) that both proxies below use as
+#    their shared routing table (SESSION_PROXY_CACHE_URL=redis://127.0.0.1:<port>/0);
 # 4. renders a Pod from k8s/overlays/sidecar (its probes, preStop, securityContext, resources and
 #    volumes unchanged; the placeholder "app" container becomes the proxy image running
 #    `simulate`; the ConfigMap and Secret are inlined; instances and ports point at this host);
@@ -15,7 +17,12 @@
 #    /healthz and /readyz answer 200, the app container reaches the proxy on 127.0.0.1, the
 #    proxy runs as uid 10001 on a read-only root filesystem, the liveness probe passes;
 # 6. runs the image alone (docker-style, its own HEALTHCHECK) and checks it the same way;
-# 7. tears everything down on exit (trap), also on failure or timeout.
+# 7. checks the routing table is in Redis: `redis-cli --scan --pattern 'session-proxy:*'` lists
+#    the session ids the requests used (s1, s2), each pointing at the instance holding it, no
+#    proxy fell back to its local table, and the image run alone found s1 there (a table hit:
+#    the pod's proxy had learned it);
+# 8. sends SIGTERM to the pod and checks the drain;
+# 9. tears everything down on exit (trap), also on failure or timeout.
 #
 # Bounded: the whole run is killed after $SMOKE_TIMEOUT seconds (default 900; a first run
 # spends ~60 s in debootstrap and ~30 s building). Only 127.0.0.1 is ever contacted.
@@ -38,6 +45,8 @@ POD=session-proxy-smoke
 SOLO=session-proxy-smoke-solo
 WORK=$(mktemp -d /tmp/session-proxy-smoke.XXXXXX)
 SIM_PIDS=()
+REDIS_PIDFILE="$WORK/redis.pid"
+REDIS_PID=
 FAILED=0
 START=$SECONDS
 
@@ -73,8 +82,19 @@ cleanup() {
   for pid in "${SIM_PIDS[@]}"; do
     wait "$pid" 2>/dev/null || true
   done
+  # The Redis daemonizes (not our child): stopped by the pid it wrote, waited for by polling.
+  if [ -s "$REDIS_PIDFILE" ]; then
+    REDIS_PID=$(cat "$REDIS_PIDFILE")
+  fi
+  if [ -n "$REDIS_PID" ]; then
+    kill "$REDIS_PID" 2>/dev/null || true
+    for _ in $(seq 50); do
+      kill -0 "$REDIS_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+  fi
   rm -rf "$WORK"
-  echo "removed pod $POD, container $SOLO, simulators (pids ${SIM_PIDS[*]:-none}), $WORK"
+  echo "removed pod $POD, container $SOLO, simulators (pids ${SIM_PIDS[*]:-none}), redis (pid ${REDIS_PID:-none}), $WORK"
   if [ "$rc" -eq 0 ] && [ "$FAILED" -ne 0 ]; then
     rc=1
   fi
@@ -166,15 +186,17 @@ if [ ! -x "$PY" ]; then
   exit 2
 fi
 missing=()
-for tool in podman buildah runc debootstrap; do
+for tool in podman buildah runc debootstrap redis-server redis-cli; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap \
+    redis-server >/dev/null
 fi
 podman --version
+redis-server --version
 
 say "base image $BASE"
 if podman image exists "$BASE"; then
@@ -213,10 +235,10 @@ podman image ls "$IMAGE"
 podman image inspect "$IMAGE" \
   --format 'user={{.Config.User}} entrypoint={{.Config.Entrypoint}} cmd={{.Config.Cmd}} healthcheck={{if .Config.Healthcheck}}yes{{else}}no{{end}}'
 
-say "ports and simulated instances on 127.0.0.1"
-read -r P1 P2 P_APP P_PROXY P_SOLO < <("$PY" - <<'EOF'
+say "ports, simulated instances and Redis on 127.0.0.1"
+read -r P1 P2 P_APP P_PROXY P_SOLO P_REDIS < <("$PY" - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(5)]
+socks = [socket.socket() for _ in range(6)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -224,7 +246,8 @@ for s in socks:
     s.close()
 EOF
 )
-echo "instances :$P1 :$P2, app placeholder :$P_APP, pod proxy :$P_PROXY, solo proxy :$P_SOLO"
+echo "instances :$P1 :$P2, app placeholder :$P_APP, pod proxy :$P_PROXY, solo proxy :$P_SOLO, redis :$P_REDIS"
+CACHE_URL="redis://127.0.0.1:$P_REDIS/0"
 "$PY" -m proxy simulate --port "$P1" --api-key demo-key --connect-delay 0 --sessions s1,s2 \
   --name inst-1 >"$WORK/sim1.log" 2>&1 &
 SIM_PIDS+=($!)
@@ -238,6 +261,23 @@ for port in "$P1" "$P2"; do
   }
 done
 echo "both answer /health (pids ${SIM_PIDS[*]})"
+rcli() { timeout 10 redis-cli -h 127.0.0.1 -p "$P_REDIS" "$@"; }
+redis-server --port "$P_REDIS" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+  --pidfile "$REDIS_PIDFILE" --dir "$WORK" --logfile "$WORK/redis.log" || {
+  cat "$WORK/redis.log" 2>/dev/null
+  exit 1
+}
+deadline=$((SECONDS + 15))
+until [ "$(rcli ping 2>/dev/null)" = "PONG" ]; do
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "redis on :$P_REDIS never answered PING" >&2
+    cat "$WORK/redis.log" 2>/dev/null
+    exit 1
+  fi
+  sleep 0.2
+done
+REDIS_PID=$(cat "$REDIS_PIDFILE")
+echo "redis answers PING (pid $REDIS_PID, $(rcli dbsize) keys): CACHE_URL=$CACHE_URL"
 
 say "render the sidecar overlay into a Pod"
 if command -v kubectl >/dev/null; then
@@ -248,12 +288,13 @@ else
   cat k8s/base/configmap.yaml - k8s/overlays/sidecar/deployment.yaml <<<'---' >"$WORK/rendered.yaml"
   echo "from: k8s/base/configmap.yaml + k8s/overlays/sidecar/deployment.yaml (no kubectl)"
 fi
-"$PY" - "$WORK/rendered.yaml" "$WORK/pod.yaml" "$IMAGE" "$POD" "$P1" "$P2" "$P_APP" "$P_PROXY" <<'EOF'
+"$PY" - "$WORK/rendered.yaml" "$WORK/pod.yaml" "$IMAGE" "$POD" "$P1" "$P2" "$P_APP" "$P_PROXY" \
+  "$CACHE_URL" <<'EOF'
 import sys
 
 import yaml
 
-src, dst, image, pod_name, p1, p2, p_app, p_proxy = sys.argv[1:]
+src, dst, image, pod_name, p1, p2, p_app, p_proxy, cache_url = sys.argv[1:]
 docs = [d for d in yaml.safe_load_all(open(src)) if d]
 config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
 deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -264,6 +305,7 @@ overrides = {
     "SESSION_PROXY_INSTANCES": f"http://127.0.0.1:{p1},http://127.0.0.1:{p2}",
     "SESSION_PROXY_PORT": p_proxy,
     "SESSION_PROXY_HEALTH_INTERVAL": "1",
+    "SESSION_PROXY_CACHE_URL": cache_url,  # the ConfigMap's memory:// -> the Redis on this host
 }
 for container in spec["containers"]:
     container["image"] = image
@@ -375,6 +417,7 @@ pm run -d --name "$SOLO" --network host \
   -e SESSION_PROXY_HOST=127.0.0.1 -e SESSION_PROXY_PORT="$P_SOLO" \
   -e SESSION_PROXY_INSTANCES="http://127.0.0.1:$P1,http://127.0.0.1:$P2" \
   -e SESSION_PROXY_API_KEY=demo-key -e SESSION_PROXY_LOG_FORMAT=text \
+  -e SESSION_PROXY_CACHE_URL="$CACHE_URL" \
   "$IMAGE" 2>&1 | grep -v 'systemd connection' || true
 if wait_ready "http://127.0.0.1:$P_SOLO/readyz" "$SOLO" 60; then
   expect "$(http_get "http://127.0.0.1:$P_SOLO/api/sessions/s1/status?api_key=demo-key")" \
@@ -388,6 +431,48 @@ else
   fail "the image run alone never became ready"
 fi
 podman logs --tail 5 "$SOLO" 2>&1 | cut -c1-200
+
+say "the routing table is in Redis (127.0.0.1:$P_REDIS, shared by both proxies)"
+mapfile -t redis_keys < <(rcli --scan --pattern 'session-proxy:*' | sort)
+echo "redis-cli --scan --pattern 'session-proxy:*': ${redis_keys[*]:-(none)}"
+for sid in s1 s2; do
+  key="session-proxy:$sid"
+  value=$(rcli get "$key" || true)
+  ttl=$(rcli ttl "$key" || true)
+  echo "  $key -> ${value:-(nil)} (ttl ${ttl:-?} s)"
+  if ! printf '%s\n' "${redis_keys[@]}" | grep -qx -- "$key"; then
+    fail "session $sid (used by the requests) is not in Redis"
+  elif [ "$value" != "http://127.0.0.1:$P1" ]; then
+    fail "Redis has $key -> $value, expected http://127.0.0.1:$P1 (the instance holding $sid)"
+  fi
+done
+# Both proxies used Redis for every operation (no fall-back to the local table), and the image run
+# alone, which only ever asked for s1, found it in the table the pod's proxy had filled.
+"$PY" - "http://127.0.0.1:$P_PROXY" "http://127.0.0.1:$P_SOLO" <<'EOF' || fail "a proxy did not use the Redis table"
+import json, re, sys, urllib.request
+
+def metric(text, name, labels=""):
+    match = re.search(rf"^{name}(?:_total)?{re.escape(labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+ok = True
+for role, base in zip(("pod proxy", "solo proxy"), sys.argv[1:]):
+    ready = json.loads(urllib.request.urlopen(base + "/readyz", timeout=5).read())
+    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    fallbacks = metric(text, "session_proxy_cache_fallbacks")
+    hits = metric(text, "session_proxy_table_lookups", '{result="hit"}')
+    misses = metric(text, "session_proxy_table_lookups", '{result="miss"}')
+    shared = ready.get("shared_table")
+    print(f"  {role}: shared_table={shared} cache_fallbacks={fallbacks:g} "
+          f"table hits={hits:g} misses={misses:g}")
+    if shared != {"up": True} or fallbacks != 0:
+        print(f"  {role}: the shared (Redis) table is not in use", file=sys.stderr)
+        ok = False
+    if role == "solo proxy" and (hits < 1 or misses != 0):
+        print("  solo proxy: s1 was not found in the shared table", file=sys.stderr)
+        ok = False
+sys.exit(0 if ok else 1)
+EOF
 
 say "stop: SIGTERM to the pod; during the drain /readyz says 503 and requests still pass"
 t0=$SECONDS
