@@ -27,6 +27,7 @@ from tests.helpers.processes import (
     spawn,
     wait_http,
 )
+from tests.test_hardening import SMUGGLING
 
 TOKEN = "own-answers-admin"
 SID = "s1"
@@ -110,25 +111,10 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Simulato
 
 # --- 1. what the HTTP parser refuses -------------------------------------------------------------
 
+# The smuggling shapes of tests/test_hardening.py (there: nothing is forwarded; here: the answer
+# is the proxy's own JSON), and the HTTP/0.9 and odd-version lines.
 REFUSED_BY_THE_PARSER = {
-    "content-length and transfer-encoding": (
-        b"POST /api/messages/send HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/sessions/s1/status HTTP/1.1\r\n"
-        b"Host: x\r\n\r\n"
-    ),
-    "two content-lengths": (
-        b"POST /api/messages/send HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
-        b"Content-Length: 40\r\n\r\n{}{}"
-    ),
-    "obsolete line folding": (
-        b"GET /api/sessions/s1/status HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n"
-    ),
-    "bare CR in a header value": (
-        b"GET /api/sessions/s1/status HTTP/1.1\r\nHost: x\r\nX-Bad: a\rb\r\n\r\n"
-    ),
-    "bare LF in a header value": (
-        b"GET /api/sessions/s1/status HTTP/1.1\r\nHost: x\r\nX-Bad: a\nX-Injected: b\r\n\r\n"
-    ),
+    **SMUGGLING,
     "HTTP/0.9 request line alone": b"GET /\r\n",
     "HTTP/0.9 request line with a path": b"GET /api/sessions/s1/status\r\n\r\n",
     "HTTP/0.9 request line with headers": b"GET /api/sessions/s1/status\r\nHost: x\r\n\r\n",
