@@ -159,6 +159,7 @@ class ProxyApp:
     async def stop(self) -> None:
         self.endpoints.shutting_down = True
         await self.tasks.close()
+        await self.attempts.holds.close()
         if self.store is not None:
             await self.store.close()
         await self.client.aclose()

@@ -37,8 +37,9 @@ from .errors import (
 )
 from .forward import buffered_body, is_session_not_found
 from .health import HealthChecker
+from .hold import Holds
 from .instances import Instance, InstanceSet
-from .owners import Confirmations, choose_owner
+from .owners import CONNECTED, Confirmations, choose_owner
 from .sessions import Role
 from .store import Store, StoreUnavailable
 from .table import NEGATIVE, RoutingTable
@@ -60,6 +61,7 @@ class StreamedBody:
         self._prefix = prefix
         self._rest = rest
         self.started = False
+        self.prefix_size = len(prefix)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.started = True
@@ -94,6 +96,11 @@ class OutgoingRequest:
         return self.method in IDEMPOTENT_METHODS or self.idempotency_key
 
     @property
+    def held_size(self) -> int:
+        """What holding this request costs in bytes (a streamed body: its buffered prefix)."""
+        return len(self.body) if isinstance(self.body, bytes) else self.body.prefix_size
+
+    @property
     def can_resend(self) -> bool:
         return not isinstance(self.body, StreamedBody) or not self.body.started
 
@@ -120,6 +127,8 @@ class Attempts:
         self.client = client
         self.store = store
         self.confirmations = Confirmations(settings.confirm_max_age)
+        self.holds = Holds(settings, self._connected_holder)
+        self._no_row: dict[str, float] = {}  # sessions without an active row, until when
         self.rediscoveries = 0
 
     # --- owners ----------------------------------------------------------------------------------
@@ -260,7 +269,66 @@ class Attempts:
     async def to_session(
         self, session_id: str, request: OutgoingRequest, role: Role = Role.REFUSES
     ) -> Attempted:
-        owner = await self.owner_of(session_id)
+        """The session's owner answers; a session that should exist but that no live instance
+        holds yet is held until it is back (``hold.py``). A start is not held: it is placed."""
+        if self.holds.queued(session_id) and role is not Role.STARTS:
+            # Others wait for this session: queue behind them rather than overtake.
+            async with self.holds.turn(session_id, request.held_size) as owner:
+                return await self._to_session(session_id, request, role, owner)
+        try:
+            return await self._to_session(session_id, request, role)
+        except (SessionNotFound, OwnerGone) as error:
+            if (
+                role is Role.STARTS
+                or self.settings.hold_timeout <= 0  # holding is off: fail at once, as before
+                or not request.can_resend
+                or not await self._should_exist(session_id, error)
+            ):
+                raise
+            # Refused or never reached: nothing was carried out, so it may be sent once more.
+            async with self.holds.turn(session_id, request.held_size) as owner:
+                answer = await self._to_session(session_id, request, role, owner)
+                answer.attempts += error.attempts
+                return answer
+
+    async def _should_exist(self, session_id: str, error: ProxyError) -> bool:
+        if self.holds.expected(session_id) or isinstance(error, OwnerGone):
+            return True  # others wait for it already, or its owner died holding it
+        if self.store is None:
+            return False
+        now = time.monotonic()
+        if self._no_row.get(session_id, 0.0) > now:
+            return False  # asked a moment ago: a flood of unknown ids costs one query each
+        try:
+            if await self.store.owner(session_id) is not None:
+                return True  # an active row: the application expects it
+        except StoreUnavailable:
+            return False
+        if len(self._no_row) >= 10_000:
+            self._no_row = {k: t for k, t in self._no_row.items() if t > now}
+        self._no_row[session_id] = now + self.settings.negative_ttl
+        return False
+
+    async def _connected_holder(self, session_id: str) -> Instance | None:
+        """For a held session's watcher: an instance holding it ``connected``, asked afresh."""
+        await self.table.forget(session_id)  # no negative entry may hide its return
+        located = await self.discovery.locate(session_id)
+        if located.instance is None or located.status != CONNECTED:
+            return None
+        await self.table.put(session_id, located.instance.url)
+        self.confirmations.confirm(session_id, located.instance.url)
+        self.record(session_id, located.instance)
+        return located.instance
+
+    async def _to_session(
+        self,
+        session_id: str,
+        request: OutgoingRequest,
+        role: Role,
+        owner: Instance | None = None,
+    ) -> Attempted:
+        if owner is None:
+            owner = await self.owner_of(session_id)
         deadline = time.monotonic() + self.settings.replay_deadline
         attempts = 0
         confirm = role is not Role.REFUSES

@@ -303,6 +303,13 @@ class Settings:
     confirm_max_age: float = _setting(2.0, _seconds(0.0))
     # Disconnect the extra copies of a session found on several instances (reconcile, leader).
     settle_duplicates: bool = _setting(False, _switch)
+    # Holding requests for a session that should exist but that no live instance holds yet:
+    # under Laravel's 30 s client timeout, so the client hears 503 session-restoring, not its own.
+    hold_timeout: float = _setting(20.0, _seconds(0.0))
+    hold_max_per_session: int = _setting(100, _count(1))
+    hold_max_bytes: int = _setting(64 * 1024 * 1024, _size)
+    hold_poll_interval: float = _setting(0.1, _seconds(0.01))
+    hold_fail_fast: float = _setting(5.0, _seconds(0.0))
     passthrough_routes: tuple[str, ...] = _setting(
         (
             "/",

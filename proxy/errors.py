@@ -84,6 +84,13 @@ class SessionNotFound(ProxyError):
     message = "Session not found"
 
 
+class SessionRestoring(ProxyError):
+    """Held while the session comes back, past a bound: come back later (with Retry-After)."""
+
+    status, code = 503, "session-restoring"
+    message = "the session is not running on any instance yet; it is expected back"
+
+
 class NoHealthyInstance(ProxyError):
     status, code = 503, "no-healthy-instance"
     message = "no healthy instance is available"

@@ -95,6 +95,19 @@ TASK_CRASHES = Counter(
     "Background loops that raised and were restarted, by task",
     ["task"],
 )
+HOLDS = Counter(
+    f"{PREFIX}_holds",
+    "Requests held while their session came back, by result (released, expired, refused)",
+    ["result"],
+)
+HOLDS_CURRENT = Gauge(
+    f"{PREFIX}_holds_current", "Requests held right now", multiprocess_mode="livesum"
+)
+HOLD_SECONDS = Histogram(
+    f"{PREFIX}_hold_seconds",
+    "How long a released request was held",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30),
+)
 CACHE_FALLBACKS = Counter(
     f"{PREFIX}_cache_fallbacks", "Shared-table (Redis) failures answered from the local table"
 )

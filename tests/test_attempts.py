@@ -82,6 +82,8 @@ def call(
             "SESSION_PROXY_UPSTREAM_CLIENT": "httpx",
             "SESSION_PROXY_HEALTH_INTERVAL": "60",
             "SESSION_PROXY_EJECT_BASE_SECONDS": "0",
+            # Off, so a session nobody holds fails at once: holding is tests/test_hold.py's.
+            "SESSION_PROXY_HOLD_TIMEOUT": "0",
         }
     )
     app = create_app(settings, transport=httpx.MockTransport(fleet.handler))

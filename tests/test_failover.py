@@ -251,8 +251,20 @@ def test_a_streamed_body_is_never_replayed(hop_fleet: tuple[Simulator, ...]) -> 
     assert not [e for e in b.requests() if e["method"] == "PUT"]
 
 
-def test_an_unreachable_owner_nobody_replaced_is_upstream_unreachable(quiet_fleet: Fleet) -> None:
-    fleet = quiet_fleet
+def test_with_holding_off_an_unreachable_owner_nobody_replaced_is_upstream_unreachable(
+    tmp_path: Path,
+) -> None:
+    """HOLD_TIMEOUT=0: no waiting for the session to come back (tests/test_hold.py waits)."""
+    fleet = start_fleet(
+        tmp_path, sessions_per_instance=2, env={**SLOW_HEALTH, "SESSION_PROXY_HOLD_TIMEOUT": "0"}
+    )
+    try:
+        _unreachable_owner_nobody_replaced(fleet)
+    finally:
+        stop_fleet(fleet)
+
+
+def _unreachable_owner_nobody_replaced(fleet: Fleet) -> None:
     dead = fleet.instances[2]
     sid = _sessions_of(fleet, dead)[0]
     with fleet.client() as client:

@@ -1,0 +1,154 @@
+"""Held requests: a session whose owner died waits, in order, until it is back; bounded.
+
+Real processes: simulator instances, a Laravel stand-in for the start-up restore, the proxy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY
+from tests.helpers.laravel import LaravelStandIn
+from tests.helpers.processes import ProxyProcess, Simulator
+
+SID = "webjs_1_1732800000_held0001"
+
+
+def send(proxy: ProxyProcess, text: str) -> tuple[int, str, float, dict[str, str]]:
+    started = time.monotonic()
+    answer = httpx.post(
+        f"{proxy.url}/api/messages/send",
+        json={
+            "session_id": SID,
+            "workspace_id": 1,
+            "recipient_phone": "628120001111",
+            "message": text,
+            "type": "text",
+            "api_key": API_KEY,
+        },
+        headers={"x-request-id": text},  # the instance's "sent" events carry it
+        timeout=40,
+        trust_env=False,
+    )
+    return answer.status_code, answer.text, time.monotonic() - started, dict(answer.headers)
+
+
+class HeldFleet:
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.laravel = LaravelStandIn([{"session_id": SID, "workspace_id": 1, "id": 7}]).start()
+        # The owner restores its own sessions when it starts (as a real instance does), taking a
+        # second to connect; the other instance holds nothing.
+        self.owner = Simulator.start(
+            tmp,
+            "owner",
+            sessions=[SID],
+            api_key=API_KEY,
+            connect_delay=1.0,
+            laravel_url=self.laravel.url,
+        )
+        self.other = Simulator.start(tmp, "other", api_key=API_KEY)
+        self.proxy = ProxyProcess.start(
+            tmp,
+            {
+                "SESSION_PROXY_INSTANCES": f"{self.owner.url},{self.other.url}",
+                "SESSION_PROXY_API_KEY": API_KEY,
+                "SESSION_PROXY_HEALTH_INTERVAL": "0.5",
+                "SESSION_PROXY_LOG_LEVEL": "info",
+                **env,
+            },
+            ready_path="/readyz",
+        )
+        status, text, _, _ = send(self.proxy, "warm")
+        assert status == 200, text
+
+    def close(self) -> None:
+        self.proxy.stop()
+        for sim in (self.owner, self.other):
+            sim.stop()
+        self.laravel.stop()
+
+
+@pytest.fixture
+def held_fleet(tmp_path: Path) -> Iterator[HeldFleet]:
+    fleet = HeldFleet(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def test_sends_during_an_owner_restart_are_held_and_delivered_once_in_order(
+    held_fleet: HeldFleet,
+) -> None:
+    """Without RESTORE: the owner is SIGKILLed and started again 3 s later, restoring its own
+    sessions; every send in the gap answers 200 after the restart, not 502."""
+    fleet = held_fleet
+    fleet.owner.kill()
+    killed_at = time.monotonic()
+    texts = [f"seq-{n}" for n in range(6)]
+    with ThreadPoolExecutor(len(texts)) as pool:
+        futures = []
+        for text in texts:
+            futures.append(pool.submit(send, fleet.proxy, text))
+            time.sleep(0.3)  # arrival order is the order they are sent in
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - killed_at)))
+        fleet.owner.restart()
+        restarted_at = time.monotonic()
+        results = [f.result() for f in futures]
+    for status, text, _, _ in results:
+        assert status == 200, text
+    delivered = [e for e in fleet.owner.events("sent") if str(e["request_id"]).startswith("seq-")]
+    sent_texts = [e["request_id"] for e in delivered]
+    assert sent_texts == texts, sent_texts  # each once, in the order sent
+    assert fleet.other.events("sent") == []
+    held = sorted(elapsed for _, _, elapsed, _ in results)
+    connected_after = restarted_at - killed_at + 1.0
+    print(
+        f"\nheld {len(held)} sends: {held[0]:.2f}-{held[-1]:.2f} s; the owner was back "
+        f"(restarted, then connected after its 1 s) about {connected_after:.1f} s after the kill"
+    )
+    # Nothing waited much past the session's return.
+    assert held[-1] < connected_after + 2.0
+
+
+def test_a_session_that_does_not_come_back_is_503_session_restoring_then_fails_fast(
+    tmp_path: Path,
+) -> None:
+    fleet = HeldFleet(tmp_path, SESSION_PROXY_HOLD_TIMEOUT="1", SESSION_PROXY_HOLD_FAIL_FAST="5")
+    try:
+        fleet.owner.kill()
+        status, text, elapsed, headers = send(fleet.proxy, "never")
+        assert status == 503, text
+        assert headers["x-proxy-error"] == "session-restoring"
+        assert int(headers["retry-after"]) >= 1
+        assert 1.0 <= elapsed < 5.0
+        # The next one does not wait again.
+        status, _, elapsed, headers = send(fleet.proxy, "never again")
+        assert status == 503 and headers["x-proxy-error"] == "session-restoring"
+        assert elapsed < 0.5
+        assert fleet.other.events("sent") == []
+    finally:
+        fleet.close()
+
+
+def test_the_per_session_bound_refuses_at_once(tmp_path: Path) -> None:
+    fleet = HeldFleet(
+        tmp_path, SESSION_PROXY_HOLD_TIMEOUT="3", SESSION_PROXY_HOLD_MAX_PER_SESSION="2"
+    )
+    try:
+        fleet.owner.kill()
+        with ThreadPoolExecutor(3) as pool:
+            waiting = [pool.submit(send, fleet.proxy, f"w{n}") for n in range(2)]
+            time.sleep(0.5)  # the two are held by now
+            status, text, elapsed, headers = send(fleet.proxy, "third")
+            assert status == 503, text
+            assert headers["x-proxy-error"] == "session-restoring" and elapsed < 0.5
+            assert [f.result()[0] for f in waiting] == [503, 503]  # the owner never came back
+    finally:
+        fleet.close()
