@@ -239,8 +239,10 @@ class Attempts:
                 if located.instance is not stored:
                     self.record(session_id, located.instance)
                 return located.instance.url
-            if located.asked == 0:
+            if located.asked == 0 and not self.instances.available():
                 raise NoHealthyInstance()
+            # (Nobody asked because the only healthy instance is the one that just said "Session
+            # not found": that is an answer, not a fleet without instances.)
             if located.complete:
                 await self.table.put_negative(session_id)
             return None
@@ -300,8 +302,8 @@ class Attempts:
         if self._no_row.get(session_id, 0.0) > now:
             return False  # asked a moment ago: a flood of unknown ids costs one query each
         try:
-            if await self.store.owner(session_id) is not None:
-                return True  # an active row: the application expects it
+            if await self.store.is_active(session_id):
+                return True  # the application expects it to run
         except StoreUnavailable:
             return False
         if len(self._no_row) >= 10_000:

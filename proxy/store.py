@@ -210,6 +210,22 @@ class Store:
             )
         return value if isinstance(value, str) and value else None
 
+    async def is_active(self, session_id: str) -> bool:
+        """The application expects this session to run: its row is active (``ACTIVE_STATUS``,
+        not deleted). A logged-out session's row is not, so its requests are not held."""
+        if not self.up:
+            raise StoreUnavailable("the database is down")
+        async with self._connection(wait=LOOKUP_TIMEOUT) as conn:
+            self._count("lookup")
+            found = await conn.fetchval(
+                f"SELECT 1 FROM {self._table} WHERE {self._sid} = $1 "
+                f"AND {self._deleted} IS NULL AND {self._status} = $2",
+                session_id,
+                self.settings.active_status,
+                timeout=LOOKUP_TIMEOUT,
+            )
+        return found is not None
+
     # --- write-back ------------------------------------------------------------------------------
 
     def record(self, session_id: str, stored_form: str) -> None:

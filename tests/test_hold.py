@@ -15,7 +15,9 @@ import pytest
 
 from tests.conftest import API_KEY
 from tests.helpers.laravel import LaravelStandIn
+from tests.helpers.postgres import TempDatabase
 from tests.helpers.processes import ProxyProcess, Simulator
+from tests.test_postgres import add_rows, laravel_form, migrate
 
 SID = "webjs_1_1732800000_held0001"
 
@@ -152,3 +154,50 @@ def test_the_per_session_bound_refuses_at_once(tmp_path: Path) -> None:
             assert [f.result()[0] for f in waiting] == [503, 503]  # the owner never came back
     finally:
         fleet.close()
+
+
+def test_an_active_row_nobody_holds_is_held_a_logged_out_one_is_not(
+    tmp_path: Path, pg_database: TempDatabase
+) -> None:
+    """After a proxy restart nothing is in its table: the database row says which sessions the
+    application expects to run."""
+    active, logged_out = "webjs_1_1732800000_rowactiv", "webjs_1_1732800000_rowgone0"
+    sim = Simulator.start(tmp_path, "empty", api_key=API_KEY)
+    migrate(pg_database.url, "--create-table")
+    add_rows(pg_database, {active: laravel_form(sim), logged_out: laravel_form(sim)})
+    pg_database.execute(
+        "UPDATE whatsapp_accounts SET status = 'disconnected' WHERE session_id = $1", logged_out
+    )
+    proxy = ProxyProcess.start(
+        tmp_path,
+        {
+            "SESSION_PROXY_INSTANCES": sim.url,
+            "SESSION_PROXY_API_KEY": API_KEY,
+            "SESSION_PROXY_DATABASE_URL": pg_database.url,
+            "SESSION_PROXY_HOLD_TIMEOUT": "10",
+        },
+        ready_path="/readyz",
+    )
+    try:
+
+        def status_of(sid: str) -> tuple[int, float]:
+            started = time.monotonic()
+            answer = httpx.get(
+                f"{proxy.url}/api/sessions/{sid}/status",
+                params={"api_key": API_KEY},
+                timeout=20,
+                trust_env=False,
+            )
+            return answer.status_code, time.monotonic() - started
+
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(status_of, active)
+            time.sleep(1.0)  # held meanwhile; then the session starts on the instance
+            sim.add_session(active)
+            code, elapsed = waiting.result()
+        assert code == 200 and 1.0 <= elapsed < 3.0
+        code, elapsed = status_of(logged_out)
+        assert code == 404 and elapsed < 1.0  # not expected to run: not held
+    finally:
+        proxy.stop()
+        sim.stop()
