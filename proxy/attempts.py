@@ -556,7 +556,4 @@ class Attempts:
         raise NoHealthyInstance("every healthy instance was tried")
 
     def pick_least_loaded(self, tried: set[str]) -> Instance:
-        candidates = [i for i in self.instances.available() if i.url not in tried]
-        if not candidates:
-            raise NoHealthyInstance("every healthy instance was tried")
-        return min(candidates, key=lambda i: i.sessions)
+        return self.instances.least_loaded(tried)

@@ -67,10 +67,6 @@ class Holds:
         expected back, and a new request joins them or fails fast)."""
         return session_id in self._queues or self._failing.get(session_id, 0.0) > time.monotonic()
 
-    @property
-    def held(self) -> int:
-        return sum(len(q.waiters) + q.active for q in self._queues.values())
-
     @contextlib.asynccontextmanager
     async def turn(self, session_id: str, size: int) -> AsyncIterator[Instance]:
         """Wait until the session is connected somewhere and it is this request's turn; yields

@@ -192,11 +192,13 @@ class InstanceSet:
             raise NoHealthyInstance()
         return candidates[next(self._rotation) % len(candidates)]
 
-    def least_loaded(self) -> Instance:
-        """Where a new session goes: the healthy instance holding the fewest sessions."""
-        candidates = self.available()
+    def least_loaded(self, tried: Iterable[str] = ()) -> Instance:
+        """Where a new session goes: the healthy instance holding the fewest sessions, among
+        those not ``tried`` yet."""
+        skip = set(tried)
+        candidates = [i for i in self.available() if i.url not in skip]
         if not candidates:
-            raise NoHealthyInstance()
+            raise NoHealthyInstance("every healthy instance was tried" if skip else None)
         start = next(self._rotation) % len(candidates)
         rotated = candidates[start:] + candidates[:start]  # ties go round, not to the first
         return min(rotated, key=lambda i: i.sessions)
