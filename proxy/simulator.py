@@ -19,14 +19,23 @@ WhatsApp library replaced by a fake). What it reproduces:
 - JavaScript's ``undefined``: a key whose value was never given is left out of the JSON.
 - The session life cycle of the measured run, scaled to ``connect_delay``: ``qr_scanning``, then
   ``authenticated`` after a tenth of it, then ``connected``. A create of a held id replaces it.
+- With ``auth_dir`` (``--auth-dir``), saved logins as with a shared volume or RemoteAuth: one
+  file per session, written when it connects (and for the sessions it is given connected). A
+  start with no saved login stays ``qr_scanning`` until ``POST /_sim/sessions/{id}/scan``, then
+  goes on over the usual delays. DELETE (a destroy, not a logout) leaves the file. Instances
+  given the same directory share the logins; each its own directory is LocalAuth.
 - The start-up restore: every active account Laravel lists is started here, whoever owns it.
 - The route timeouts (60 s sessions, 45 s sends, 5 s health, 30 s otherwise, matched like the
   real unanchored patterns) and the crash when one fires: no answer, the process exits.
 - Express's HTML page for malformed JSON, with V8's (Node 20) parser messages.
 
 On top of that, ``/_sim/...`` lets tests move sessions, inject faults and read back what the
-instance saw and sent. A message text containing ``__fake_hang__`` never completes (as with the
-fake WhatsApp library), one containing ``__fake_fail__`` fails.
+instance saw and sent (``sent`` events carry the text, cut to 500 characters), and how many
+starts were in progress (``GET /_sim/sessions``: ``starting`` now, ``max_starting`` at once; a
+start is in progress from its create until it connects, is replaced or is stopped). Each start
+that connects logs ``session_connected`` with ``t`` the moment it connected. A message text
+containing ``__fake_hang__`` never completes (as with the fake WhatsApp library), one containing
+``__fake_fail__`` fails.
 
 Run one with ``python -m proxy.simulator --port 3001``; ``--port 0`` picks a free port and prints
 it on stdout as a JSON line (``{"event": "listening", "url": ...}``).
@@ -39,6 +48,8 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import heapq
+import itertools
 import json
 import math
 import os
@@ -46,6 +57,7 @@ import re
 import secrets
 import socket
 import sys
+import tempfile
 import time
 import weakref
 from collections import deque
@@ -75,6 +87,7 @@ FAIL_MARKER = "__fake_fail__"
 
 # The in-memory copies are for tests; bound them so a long demo cannot grow without limit.
 _MEMORY_EVENTS = 100_000
+_SENT_TEXT_LIMIT = 500  # characters of a sent message's text kept in its "sent" event
 
 # The route timeouts, tried in this order against the request path, unanchored and
 # case-sensitive; the first match wins. So every /api/sessions... path gets 60 s (the last three
@@ -173,6 +186,9 @@ class SimulatorConfig:
     timeout_scale: float = 1.0  # multiplies every route timeout
     laravel_url: str | None = None  # start-up restore from {laravel_url}/api/whatsapp/...
     laravel_api_key: str | None = None  # X-API-Key for Laravel; default: api_key
+    # Where sessions' logins are saved (one file each), shared by the instances given the same
+    # directory; None: every start connects after connect_delay, as if its QR were scanned.
+    auth_dir: str | None = None
 
 
 Reply = tuple[int, Any]
@@ -612,6 +628,14 @@ def _session_from_path(segs: list[str]) -> str | None:
     return None
 
 
+def _login_file(session_id: Any) -> str:
+    """The file name of a session's saved login: the id when it is a safe name, else a hash."""
+    if isinstance(session_id, str) and _CLIENT_ID.fullmatch(session_id) and len(session_id) <= 200:
+        return f"session-{session_id}.json"
+    digest = hashlib.sha256(repr(_session_key(session_id)).encode()).hexdigest()[:40]
+    return f"sessionhash-{digest}.json"
+
+
 def _workspace_from_id(session_id: str) -> Any:
     # Real ids look like webjs_{workspace}_{unixtime}_{random8}.
     parts = session_id.split("_")
@@ -639,15 +663,33 @@ def _cpu_micros() -> tuple[int, int]:
     return int(times.user * 1_000_000), int(times.system * 1_000_000)
 
 
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
 class _Session:
     """One session's metadata, as the instance keeps it, and where its start-up has got to.
 
     The metadata is the source of truth (PUT metadata may overwrite any key, status included);
     the start-up steps are applied lazily, at the first read after each is due, so no timer task
-    exists per session.
+    exists per session. A start that waits for a QR scan (no saved login) has no ``auth_at`` or
+    ``connect_at`` until ``scan`` sets them.
     """
 
-    __slots__ = ("auth_at", "connect_at", "meta", "phone", "qr_at", "session_id")
+    __slots__ = (
+        "auth_at",
+        "awaiting_scan",
+        "connect_at",
+        "delay",
+        "meta",
+        "phone",
+        "qr_at",
+        "session_id",
+        "started_at",
+        "via",
+    )
 
     def __init__(self, session_id: Any, meta: dict[str, Any]) -> None:
         self.session_id = session_id
@@ -655,23 +697,42 @@ class _Session:
         self.qr_at: float | None = None
         self.auth_at: float | None = None
         self.connect_at: float | None = None
+        self.awaiting_scan = False
+        self.delay = 0.0
+        self.started_at: float | None = None
+        self.via: str | None = None  # how it was started (create, reconnect...), None if put
         self.phone: str | None = None  # a number given through /_sim, kept over the fake one
 
-    def start(self, now: float, delay: float, previous: _Session | None) -> None:
+    def start(
+        self, now: float, delay: float, previous: _Session | None, needs_scan: bool = False
+    ) -> None:
+        self.delay = delay
+        self.started_at = now
         self.qr_at = now + delay * _QR_AT
-        self.auth_at = now + delay * _AUTHENTICATED_AT
-        self.connect_at = now + delay
+        self.auth_at = None if needs_scan else now + delay * _AUTHENTICATED_AT
+        self.connect_at = None if needs_scan else now + delay
         if previous is not None:
             # The replaced client is not destroyed: its own pending events still arrive.
-            if previous.auth_at is not None:
-                self.auth_at = min(self.auth_at, previous.auth_at)
-            if previous.connect_at is not None:
-                self.connect_at = min(self.connect_at, previous.connect_at)
+            self.auth_at = _earliest(self.auth_at, previous.auth_at)
+            self.connect_at = _earliest(self.connect_at, previous.connect_at)
+        self.awaiting_scan = self.connect_at is None
+
+    def scan(self, now: float) -> bool:
+        """The QR code is scanned: the rest of the start-up follows, over the usual delays."""
+        if not self.awaiting_scan:
+            return False
+        base = now if self.qr_at is None else max(now, self.qr_at)  # no scan before the QR
+        self.awaiting_scan = False
+        self.auth_at = base + self.delay * (_AUTHENTICATED_AT - _QR_AT)
+        self.connect_at = base + self.delay * (1 - _QR_AT)
+        return True
 
     def stop_starting(self) -> None:
         self.qr_at = self.auth_at = self.connect_at = None
+        self.awaiting_scan = False
 
-    def advance(self, now: float) -> None:
+    def advance(self, now: float) -> float | None:
+        """Apply the start-up steps due by ``now``; the moment it connected, if it did now."""
         if self.qr_at is not None and now >= self.qr_at:
             qr_ms = _ms(self.qr_at)
             self.qr_at = None
@@ -686,14 +747,17 @@ class _Session:
             self.meta.update(status="authenticated", authenticatedAt=_iso(self.auth_at))
             self.auth_at = None
         if self.connect_at is not None and now >= self.connect_at:
+            connected_at = self.connect_at
             self.meta.update(
                 status="connected",
                 phoneNumber=self.phone or _fake_phone(self.session_id),
                 platform="android",
-                connectedAt=_iso(self.connect_at),
+                connectedAt=_iso(connected_at),
                 phoneExtractionMethod="client.info.wid",
             )
             self.connect_at = None
+            return connected_at
+        return None
 
     def field(self, name: str) -> Any:
         return self.meta.get(name, UNDEFINED)
@@ -785,6 +849,17 @@ class _Simulator:
         self.unhealthy = False
         self.started = time.time()
         self.sessions: dict[SessionKey, _Session] = {}
+        self.auth_dir = config.auth_dir
+        if self.auth_dir is not None:
+            os.makedirs(self.auth_dir, exist_ok=True)
+        # The starts not yet connected (nor replaced or stopped), the most there were at once,
+        # and their connect times in a heap (entries of replaced starts are skipped when due).
+        self._starting: set[_Session] = set()
+        self.max_starting = 0
+        self._due: list[tuple[float, int, _Session]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         for sid in config.sessions:
             self._put_connected(sid, _workspace_from_id(sid), self.started)
         self.requests: deque[dict[str, Any]] = deque(maxlen=_MEMORY_EVENTS)
@@ -836,6 +911,9 @@ class _Simulator:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._close_fd is not None:
             self._close_fd()
         self._fd = None
@@ -847,9 +925,17 @@ class _Simulator:
             line = json.dumps(_js(event), separators=(",", ":"), ensure_ascii=False) + "\n"
             os.write(self._fd, line.encode())
 
-    def _record(self, event: str, **fields: Any) -> dict[str, Any]:
-        """A life-cycle event: in memory (``GET /_sim/events``) and in the log file."""
-        entry = {"event": event, "instance": self.name, **fields, "t": time.time()}
+    def _record(self, event: str, *, t: float | None = None, **fields: Any) -> dict[str, Any]:
+        """A life-cycle event: in memory (``GET /_sim/events``) and in the log file.
+
+        ``t`` is when it happened, if not now (a connection noticed after the moment it made).
+        """
+        entry = {
+            "event": event,
+            "instance": self.name,
+            **fields,
+            "t": time.time() if t is None else t,
+        }
         self.events.append(entry)
         self._write(entry)
         return entry
@@ -1021,22 +1107,124 @@ class _Simulator:
     def _held(self, session_id: Any, now: float) -> _Session | None:
         session = self.sessions.get(_session_key(session_id))
         if session is not None:
-            session.advance(now)
+            self._advance(session, now)
         return session
 
     def _all(self, now: float) -> list[_Session]:
         sessions = list(self.sessions.values())
         for session in sessions:
-            session.advance(now)
+            self._advance(session, now)
         return sessions
 
     def _put_connected(self, session_id: str, workspace_id: Any, now: float) -> _Session:
         """A session that is simply there and connected (start-up list, /_sim)."""
         session = _Session(session_id, _new_meta(workspace_id, UNDEFINED, now))
-        session.start(now, 0.0, None)
-        session.advance(now)
         self.sessions[_session_key(session_id)] = session
+        session.start(now, 0.0, None)
+        self._advance(session, now)
         return session
+
+    def _advance(self, session: _Session, now: float) -> None:
+        """``session.advance``, and what follows when that connects it."""
+        connected_at = session.advance(now)
+        if connected_at is None:
+            return
+        self._save_login(session)
+        if session in self._starting:
+            self._starting.discard(session)
+            self._record(
+                "session_connected",
+                t=connected_at,
+                session_id=None if session.session_id is UNDEFINED else session.session_id,
+                via=session.via,
+                started_at=session.started_at,
+            )
+
+    # ---- saved logins (--auth-dir) -----------------------------------------------------------
+
+    def _login_path(self, session_id: Any) -> str | None:
+        if self.auth_dir is None:
+            return None
+        return os.path.join(self.auth_dir, _login_file(session_id))
+
+    def _has_login(self, session_id: Any) -> bool:
+        path = self._login_path(session_id)
+        return path is not None and os.path.exists(path)
+
+    def _save_login(self, session: _Session) -> None:
+        """A connected session's login, written once (atomically) for any instance to start it."""
+        path = self._login_path(session.session_id)
+        if path is None or os.path.exists(path):
+            return
+        login = {
+            "session_id": None if session.session_id is UNDEFINED else session.session_id,
+            "phone_number": session.field("phoneNumber"),
+            "linked_by": self.name,
+            "linked_at": session.field("connectedAt"),
+        }
+        tmp: str | None = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.auth_dir, prefix=".login-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(_js(login), handle)
+            os.replace(tmp, path)
+        except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            with contextlib.suppress(OSError, ValueError):
+                print(
+                    f"simulator {self.name}: cannot save the login {path}: {exc}", file=sys.stderr
+                )
+
+    # ---- starts in progress ------------------------------------------------------------------
+
+    def _process_due(self, now: float) -> None:
+        """Apply every connection due by ``now`` of a start in progress (each once)."""
+        while self._due and self._due[0][0] <= now:
+            _, _, session = heapq.heappop(self._due)
+            if session in self._starting:
+                self._advance(session, now)
+
+    def _starting_now(self, now: float) -> int:
+        self._process_due(now)
+        return len(self._starting)
+
+    def _begin(self, session: _Session, now: float) -> None:
+        """Count a new start, and make sure its connection happens (and is logged) on time."""
+        self._process_due(now)
+        self._starting.add(session)
+        self.max_starting = max(self.max_starting, len(self._starting))
+        self._expect(session)
+
+    def _end(self, session: _Session | None) -> None:
+        """A start that will not connect: replaced, destroyed or stopped."""
+        if session is not None:
+            self._starting.discard(session)
+
+    def _expect(self, session: _Session) -> None:
+        if session.connect_at is not None:
+            heapq.heappush(self._due, (session.connect_at, next(self._seq), session))
+            self._arm()
+
+    def _arm(self) -> None:
+        """One timer, for the earliest connection due: a start connects (and saves its login)
+        even if nobody reads it."""
+        if not self._due or self._due[0][0] >= self._timer_at:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (built outside one): reads still apply it lazily
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._due[0][0]
+        self._timer = loop.call_later(max(0.0, self._timer_at - time.time()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._process_due(time.time())
+        self._arm()
 
     def _start(
         self, session_id: Any, workspace_id: Any, account_id: Any, now: float, via: str
@@ -1045,9 +1233,15 @@ class _Simulator:
         if _truthy(session_id) and not _CLIENT_ID.fullmatch(_js_string(session_id)):
             return 500, {"error": _INVALID_CLIENT_ID}
         key = _session_key(session_id)
+        # Whatever was due happened before this start (the replaced client's connection too).
+        self._process_due(now)
         previous = self.sessions.get(key)
+        self._end(previous)
         session = _Session(session_id, _new_meta(workspace_id, account_id, now))
-        session.start(now, self.connect_delay, previous)
+        # Without a saved login (when logins are kept) it waits for a QR scan.
+        needs_scan = self.auth_dir is not None and not self._has_login(session_id)
+        session.start(now, self.connect_delay, previous, needs_scan)
+        session.via = via
         # Assigning to a held key keeps its place in the list, as a JavaScript Map does.
         self.sessions[key] = session
         self._record(
@@ -1056,14 +1250,18 @@ class _Simulator:
             workspace_id=None if workspace_id is UNDEFINED else workspace_id,
             via=via,
             replaced=previous is not None,
+            needs_scan=session.awaiting_scan,
         )
+        self._begin(session, now)
         return 200, {"success": True, "session_id": session_id, "status": "qr_scanning"}
 
     def _disconnect(self, session_id: str) -> dict[str, Any]:
         """The session manager's disconnect: destroy a held client, or clean up after one."""
         session = self.sessions.pop(_session_key(session_id), None)
+        self._end(session)
         if session is not None:
-            # client.destroy(), not logout(): the device stays linked, no file is touched.
+            # client.destroy(), not logout(): the device stays linked, no file is touched (a
+            # saved login stays where it is).
             self._record("session_stopped", session_id=session_id)
             return {"success": True, "message": "Session disconnected successfully"}
         parts = session_id.split("_")
@@ -1386,6 +1584,8 @@ class _Simulator:
             "session_id": session.session_id,
             "message_id": message_id,
             "recipient": chat_id,
+            # What was sent (cut to 500 characters), for ordering checks; None for media.
+            "text": None if text is None else text[:_SENT_TEXT_LIMIT],
             "request_id": call.request_id,
             "idempotency_key": call.headers.get("idempotency-key"),
             "t": now,
@@ -1750,12 +1950,23 @@ class _Simulator:
                     {"session_id": s.session_id, "status": s.field("status")}
                     for s in self._all(now)
                 ]
-                return _json_response(200, {"sessions": sessions})
+                return _json_response(
+                    200,
+                    {
+                        "sessions": sessions,
+                        "starting": self._starting_now(now),
+                        "max_starting": self.max_starting,
+                    },
+                )
             if method == "POST":
                 return self._sim_put_session(body, now)
         if route == ["sessions"] and len(segs) == 2 and method == "DELETE":
-            removed = self.sessions.pop(unquote(segs[1]), None) is not None
-            return _json_response(200, {"success": True, "removed": removed})
+            dropped = self.sessions.pop(unquote(segs[1]), None)
+            self._end(dropped)
+            return _json_response(200, {"success": True, "removed": dropped is not None})
+        scan = len(segs) == 3 and segs[2].lower() == "scan"
+        if route == ["sessions"] and scan and method == "POST":
+            return self._sim_scan(unquote(segs[1]), now)
         if route == ["log"] and len(segs) == 1:
             if method == "GET":
                 return _json_response(200, {"requests": list(self.requests)})
@@ -1790,7 +2001,7 @@ class _Simulator:
             session = _Session(sid, _new_meta(workspace_id, UNDEFINED, now))
             self.sessions[sid] = session
         else:
-            session.advance(now)
+            self._advance(session, now)
             if "workspace_id" in body:
                 session.meta["workspaceId"] = body["workspace_id"]
         if isinstance(body.get("phone_number"), str):
@@ -1799,13 +2010,38 @@ class _Simulator:
                 session.meta["phoneNumber"] = session.phone
         if status == "connected":
             if not session.connected:
-                # Every start-up step still due happens now.
+                # Every start-up step still due happens now (a start in progress ends here).
+                via, started_at = session.via, session.started_at
                 session.start(now, 0.0, None)
-                session.advance(now)
+                session.via, session.started_at = via, started_at
+                self._advance(session, now)
+            self._save_login(session)
         else:
             session.stop_starting()
+            self._end(session)
             session.meta["status"] = status
         return _json_response(200, {"success": True, "session_id": sid, "status": status})
+
+    def _sim_scan(self, sid: str, now: float) -> Response:
+        """The QR code of a start waiting for one is scanned: it goes on to connect."""
+        session = self.sessions.get(sid)
+        if session is None:
+            return _json_response(404, {"error": SESSION_NOT_FOUND})
+        self._advance(session, now)
+        if not session.scan(now):
+            return _json_response(
+                409,
+                {
+                    "error": "Session is not waiting for a QR scan",
+                    "session_id": sid,
+                    "status": session.field("status"),
+                },
+            )
+        self._record("qr_scanned", session_id=sid)
+        self._expect(session)
+        return _json_response(
+            200, {"success": True, "session_id": sid, "status": session.field("status")}
+        )
 
     _NUMBERS = ("send_delay", "connect_delay", "bulk_interval", "timeout_scale")
 
@@ -1979,6 +2215,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m proxy.simulator")
     parser.add_argument(
         "--laravel-api-key", default=None, help="X-API-Key for Laravel (default: --api-key)"
     )
+    parser.add_argument(
+        "--auth-dir",
+        default=None,
+        help="directory of saved logins, one file per session, shared by the instances given"
+        " it; a start without one waits for POST /_sim/sessions/{id}/scan (default: every start"
+        " connects)",
+    )
     args = parser.parse_args(argv)
     config = SimulatorConfig(
         name=args.name or "",
@@ -1991,6 +2234,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m proxy.simulator")
         timeout_scale=args.timeout_scale,
         laravel_url=args.laravel_url,
         laravel_api_key=args.laravel_api_key,
+        auth_dir=args.auth_dir,
     )
     try:
         serve(config, host=args.host, port=args.port)

@@ -21,7 +21,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from proxy.simulator import SimulatorConfig, _route_timeout, create_app, main
+from proxy.simulator import SimulatorConfig, _iso, _route_timeout, create_app, main
+from tests.helpers.laravel import LaravelStandIn
+from tests.helpers.processes import Simulator
 
 KEY = "test-key"
 SID = "webjs_7_1732800000_abcd1234"
@@ -627,6 +629,33 @@ async def test_bulk_send_paces_and_reports_per_recipient() -> None:
             }
 
 
+async def test_sent_events_carry_the_text(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    transport = httpx.ASGITransport(app=make_app(log_path=str(log)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as c:
+        long_text = "x" * 499 + "é" + "tail that is cut off"
+        for message in ("first", long_text, {"text": "an object"}):
+            sent = await c.post("/api/messages/send", json=send_body(message=message))
+            assert sent.status_code == 200, sent.text
+        media = await c.post(
+            "/api/messages/send-media",
+            json={**send_body(), "media_url": "http://127.0.0.1:9/x.png", "caption": "c"},
+        )
+        assert media.status_code == 200
+        bulk = await c.post(
+            "/api/messages/bulk-send",
+            json={**send_body(), "recipients": ["628111", "628222"], "message": "to all"},
+        )
+        assert bulk.json()["successful"] == 2
+        delivered = (await c.get("/_sim/sent")).json()["messages"]
+    texts = ["first", "x" * 499 + "é", '{"text": "an object"}', None, "to all", "to all"]
+    assert [m["text"] for m in delivered] == texts
+    assert [m["recipient"] for m in delivered[-2:]] == ["628111@c.us", "628222@c.us"]
+    # The same in the log file, in the order they were sent.
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["text"] for e in logged if e["event"] == "sent"] == texts
+
+
 async def test_bulk_send_checks(client: httpx.AsyncClient) -> None:
     body = {"api_key": KEY, "session_id": SID, "recipients": ["628111"], "message": "m"}
     missing = {"error": "Missing required fields", "required": ["session_id", "recipients (array)"]}
@@ -786,6 +815,206 @@ def test_route_timeouts_match_like_the_real_patterns() -> None:
         ("/api/internal/sessions/x/last-activity", 30),
     ):
         assert _route_timeout(path) == seconds, path
+
+
+# ---- saved logins (--auth-dir) and starts in progress --------------------------------------
+
+
+def make_client(app: Starlette) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim")
+
+
+async def wait_status(c: httpx.AsyncClient, sid: str, wanted: str) -> None:
+    deadline = time.monotonic() + 10.0
+    while (status := (await status_of(c, sid)).json().get("status")) != wanted:
+        assert time.monotonic() < deadline, f"{sid} is {status}, never {wanted}"
+        await asyncio.sleep(0.02)
+
+
+async def stays(c: httpx.AsyncClient, sid: str, status: str, seconds: float) -> None:
+    """``sid`` keeps ``status`` for at least ``seconds`` (a lower bound: no upper one)."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        assert (await status_of(c, sid)).json()["status"] == status
+        await asyncio.sleep(0.05)
+
+
+async def starts(c: httpx.AsyncClient) -> tuple[int, int]:
+    listed = (await c.get("/_sim/sessions")).json()
+    return listed["starting"], listed["max_starting"]
+
+
+def login_file(auth_dir: Path, sid: str) -> Path:
+    return auth_dir / f"session-{sid}.json"
+
+
+async def test_without_an_auth_dir_every_start_connects_and_scan_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    await create(client, "plain")
+    await wait_connected(client, "plain")
+    refused = await client.post("/_sim/sessions/plain/scan")
+    assert refused.status_code == 409
+    assert refused.json()["status"] == "connected"
+    missing = await client.post("/_sim/sessions/nobody/scan")
+    assert (missing.status_code, missing.json()) == (404, {"error": "Session not found"})
+    assert [e["needs_scan"] for e in await events(client, "session_started")] == [False]
+
+
+async def test_a_shared_auth_dir_carries_logins_between_instances(tmp_path: Path) -> None:
+    auth = tmp_path / "auth"
+    a_app = make_app(name="sim-a", connect_delay=0.2, auth_dir=str(auth))
+    b_app = make_app(name="sim-b", connect_delay=0.2, auth_dir=str(auth), sessions=())
+    # The sessions given at start are there connected, with their login saved.
+    assert login_file(auth, SID).exists()
+    async with make_client(a_app) as a, make_client(b_app) as b:
+        # Never logged in: it waits for a scan however long the connect delay has passed.
+        created = await create(a, "linked")
+        assert created.json() == {"success": True, "session_id": "linked", "status": "qr_scanning"}
+        await stays(a, "linked", "qr_scanning", 0.6)
+        assert not login_file(auth, "linked").exists()
+        early = await a.post("/api/messages/send", json=send_body("linked"))
+        assert early.status_code == 400
+        scanned = await a.post("/_sim/sessions/linked/scan")
+        assert scanned.status_code == 200, scanned.text
+        await wait_status(a, "linked", "connected")
+        assert json.loads(login_file(auth, "linked").read_text())["session_id"] == "linked"
+        assert (await a.post("/_sim/sessions/linked/scan")).status_code == 409
+
+        # A destroy (DELETE) leaves the login: the session starts on B with no new QR, as it
+        # does on A again.
+        gone = await a.request("DELETE", "/api/sessions/linked", json={"api_key": KEY})
+        assert gone.json()["success"] is True
+        assert login_file(auth, "linked").exists()
+        await create(b, "linked")
+        await wait_status(b, "linked", "connected")
+        await b.post("/api/sessions/linked/reconnect", json={"api_key": KEY})
+        await wait_status(b, "linked", "connected")
+        started = await events(b, "session_started")
+        assert [(e["via"], e["needs_scan"]) for e in started] == [
+            ("create", False),
+            ("reconnect", False),
+        ]
+        assert (await b.post("/api/messages/send", json=send_body("linked"))).status_code == 200
+
+        # So does one that B was given; a session never logged in anywhere still waits on B.
+        await create(b, SID)
+        await create(b, "fresh")
+        await wait_status(b, SID, "connected")
+        assert (await status_of(b, "fresh")).json()["status"] == "qr_scanning"
+        await b.post("/_sim/sessions/fresh/scan")
+        await wait_status(b, "fresh", "connected")
+        await create(a, "fresh")
+        await wait_status(a, "fresh", "connected")
+    assert sorted(p.name for p in auth.iterdir()) == [
+        "session-fresh.json",
+        "session-linked.json",
+        f"session-{SID}.json",
+    ]
+
+
+async def test_with_its_own_auth_dir_a_moved_session_needs_a_new_qr(tmp_path: Path) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_app = make_app(connect_delay=0.2, auth_dir=str(a_dir), sessions=())
+    b_app = make_app(connect_delay=0.2, auth_dir=str(b_dir), sessions=())
+    async with make_client(a_app) as a, make_client(b_app) as b:
+        # Put connected through /_sim: its login is saved (on A only).
+        await a.post("/_sim/sessions", json={"session_id": "moved"})
+        assert login_file(a_dir, "moved").exists()
+        await a.request("DELETE", "/api/sessions/moved", json={"api_key": KEY})
+        await create(b, "moved")
+        await stays(b, "moved", "qr_scanning", 0.5)
+        # The scan is the rest of the start: authenticated, then connected, over the delays.
+        await b.post("/_sim/sessions/moved/scan")
+        await wait_status(b, "moved", "connected")
+        meta = (await b.get("/api/sessions/moved/metadata", params={"api_key": KEY})).json()
+        assert meta["metadata"]["authenticatedAt"] <= meta["metadata"]["connectedAt"]
+        assert login_file(b_dir, "moved").exists()
+        # Back on A, its own login is still there: no QR needed.
+        await create(a, "moved")
+        await wait_status(a, "moved", "connected")
+        assert (await events(a, "session_started"))[-1]["needs_scan"] is False
+
+
+async def test_max_starting_counts_overlapping_starts(tmp_path: Path) -> None:
+    # Starts that wait for a scan overlap for as long as the test likes, however slow it runs.
+    app = make_app(connect_delay=0.2, auth_dir=str(tmp_path / "auth"), sessions=())
+    async with make_client(app) as c:
+        assert await starts(c) == (0, 0)
+        for sid in ("s1", "s2", "s3"):
+            await create(c, sid)
+        assert await starts(c) == (3, 3)
+        # Replaced: still one start of that session; destroyed: no longer starting.
+        await create(c, "s1")
+        assert await starts(c) == (3, 3)
+        await c.request("DELETE", "/api/sessions/s2", json={"api_key": KEY})
+        assert await starts(c) == (2, 3)
+        # Put in another state through /_sim: stopped.
+        await c.post("/_sim/sessions", json={"session_id": "s3", "status": "disconnected"})
+        assert await starts(c) == (1, 3)
+        await c.post("/_sim/sessions/s1/scan")
+        await wait_status(c, "s1", "connected")
+        assert await starts(c) == (0, 3)
+        await create(c, "s4")
+        assert await starts(c) == (1, 3)
+
+
+async def test_starts_one_after_another_never_overlap() -> None:
+    app = make_app(connect_delay=0.2, sessions=())
+    async with make_client(app) as c:
+        for sid in ("one", "two", "three"):
+            await create(c, sid)
+            await wait_status(c, sid, "connected")
+        assert await starts(c) == (0, 1)
+        # A slow start and a quick one: the quick one ends at its connect time, the slow one
+        # when it is destroyed.
+        await c.post("/_sim/faults", json={"connect_delay": 60})
+        await create(c, "slow")
+        await c.post("/_sim/faults", json={"connect_delay": 0.2})
+        await create(c, "quick")
+        assert (await starts(c))[1] == 2
+        await wait_status(c, "quick", "connected")
+        assert await starts(c) == (1, 2)
+        await c.request("DELETE", "/api/sessions/slow", json={"api_key": KEY})
+        assert await starts(c) == (0, 2)
+
+
+async def test_session_connected_is_logged_at_the_connect_moment(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+
+    def logged(kind: str) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        return [e for e in lines if e["event"] == kind]
+
+    app = make_app(connect_delay=0.3, log_path=str(log))
+    async with make_client(app) as c:
+        # Nobody reads the session: the connection is logged anyway, when it happens.
+        await create(c, "watched")
+        deadline = time.monotonic() + 10
+        while not logged("session_connected"):
+            assert time.monotonic() < deadline, "no session_connected in the log"
+            await asyncio.sleep(0.02)
+        (started,) = logged("session_started")
+        (connected,) = logged("session_connected")
+        assert (connected["session_id"], connected["via"]) == ("watched", "create")
+        assert connected["instance"] == "sim-a"
+        assert connected["started_at"] <= started["t"]
+        assert connected["t"] == pytest.approx(connected["started_at"] + 0.3, abs=1e-6)
+        status = (await status_of(c, "watched")).json()
+        assert status["connected_at"] == _iso(connected["t"])
+
+        # Noticed late (the loop blocked past the connect time): still the connect moment.
+        await create(c, "late")
+        created_at = time.time()
+        time.sleep(0.8)  # noqa: ASYNC251 - on purpose: no timer can fire meanwhile
+        assert (await status_of(c, "late")).json()["status"] == "connected"
+        late = [e for e in logged("session_connected") if e["session_id"] == "late"]
+        assert len(late) == 1
+        assert late[0]["t"] == pytest.approx(late[0]["started_at"] + 0.3, abs=1e-6)
+        assert late[0]["t"] < created_at + 0.5
+        # A session put connected through /_sim is no start: nothing is logged for it.
+        await c.post("/_sim/sessions", json={"session_id": "put"})
+        assert [e["session_id"] for e in logged("session_connected")] == ["watched", "late"]
 
 
 # ---- /_sim controls ------------------------------------------------------------------------
@@ -967,3 +1196,51 @@ async def test_real_process_dies_on_send_after_logging_it(tmp_path: Path) -> Non
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_auth_dir_flag_shares_logins_between_processes(tmp_path: Path) -> None:
+    auth = tmp_path / "auth"
+    saved, fresh = "webjs_1_1732800000_aaaaaaaa", "webjs_1_1732800001_bbbbbbbb"
+
+    def status(sim: Simulator, sid: str) -> str:
+        answer = httpx.get(
+            f"{sim.url}/api/sessions/{sid}/status", params={"api_key": KEY}, trust_env=False
+        )
+        return str(answer.json().get("status"))
+
+    def wait(sim: Simulator, sid: str, wanted: str) -> None:
+        deadline = time.monotonic() + 15
+        while (now := status(sim, sid)) != wanted:
+            assert time.monotonic() < deadline, f"{sid} on {sim.name} is {now}, never {wanted}"
+            time.sleep(0.05)
+
+    with LaravelStandIn() as laravel:
+        laravel.accounts = [
+            {"id": 1, "session_id": saved, "workspace_id": 1, "status": "connected"},
+            {"id": 2, "session_id": fresh, "workspace_id": 1, "status": "connected"},
+        ]
+        a = Simulator.start(tmp_path, "a", sessions=[saved], api_key=KEY, auth_dir=auth)
+        with a:
+            assert (auth / f"session-{saved}.json").exists()
+            a.kill()
+            b = Simulator.start(
+                tmp_path,
+                "b",
+                api_key=KEY,
+                connect_delay=0.3,
+                laravel_url=laravel.url,
+                auth_dir=auth,
+            )
+            with b:
+                # The start-up restore starts both: the one with a saved login connects, the
+                # other waits for its scan.
+                assert b.restored()["restored"] == [saved, fresh]
+                wait(b, saved, "connected")
+                assert status(b, fresh) == "qr_scanning"
+                assert b.starts() == {"starting": 1, "max_starting": 2}
+                b.scan(fresh)
+                wait(b, fresh, "connected")
+                assert b.starts() == {"starting": 0, "max_starting": 2}
+                connected = b.wait_event("session_connected", session_id=fresh)
+                assert connected["via"] == "restore"
+                assert (auth / f"session-{fresh}.json").exists()

@@ -297,6 +297,7 @@ class Simulator(_Child):
         timeout_scale: float = 1.0,
         laravel_url: str | None = None,
         laravel_api_key: str | None = None,
+        auth_dir: Path | str | None = None,
     ) -> None:
         self.tmp_path = tmp_path
         self.name = name
@@ -313,6 +314,7 @@ class Simulator(_Child):
         self.timeout_scale = timeout_scale
         self.laravel_url = laravel_url
         self.laravel_api_key = laravel_api_key
+        self.auth_dir = auth_dir
         self._restores_before = 0  # restore summaries in the log before the current run
 
     @classmethod
@@ -332,6 +334,7 @@ class Simulator(_Child):
         timeout_scale: float = 1.0,
         laravel_url: str | None = None,
         laravel_api_key: str | None = None,
+        auth_dir: Path | str | None = None,
     ) -> Simulator:
         """Start one instance and wait for its /health.
 
@@ -339,6 +342,8 @@ class Simulator(_Child):
         1 s; 0 here keeps tests fast). ``timeout_scale`` multiplies the route timeouts whose
         expiry crashes the instance. With ``laravel_url`` the instance restores, at start, every
         account ``GET {laravel_url}/api/whatsapp/accounts/active`` lists (see ``restored``).
+        With ``auth_dir`` (``--auth-dir``) sessions' logins are saved there (instances given the
+        same one share them) and a start without one waits for ``scan``.
         """
         sim = cls(
             tmp_path,
@@ -352,6 +357,7 @@ class Simulator(_Child):
             timeout_scale=timeout_scale,
             laravel_url=laravel_url,
             laravel_api_key=laravel_api_key,
+            auth_dir=auth_dir,
         )
         sim.host = host  # another loopback address (127.0.0.2, ...) plays another host
         sim._launch(tuple(sessions), port)
@@ -385,6 +391,8 @@ class Simulator(_Child):
             cmd += ["--laravel-url", self.laravel_url]
         if self.laravel_api_key:
             cmd += ["--laravel-api-key", self.laravel_api_key]
+        if self.auth_dir is not None:
+            cmd += ["--auth-dir", str(self.auth_dir)]
         if sessions:
             # One argument may not exceed 128 KiB: many ids go through a file.
             listing = self.tmp_path / f"sim-{self.name}.sessions"
@@ -486,6 +494,15 @@ class Simulator(_Child):
 
     def drop_session(self, session_id: str) -> None:
         self._control("DELETE", f"/_sim/sessions/{session_id}")
+
+    def scan(self, session_id: str) -> None:
+        """Scan the QR code of a start waiting for one (``POST /_sim/sessions/{id}/scan``)."""
+        self._control("POST", f"/_sim/sessions/{session_id}/scan")
+
+    def starts(self) -> dict[str, int]:
+        """``starting`` (starts in progress now) and ``max_starting`` (the most at once)."""
+        listed = self._control("GET", "/_sim/sessions").json()
+        return {"starting": listed["starting"], "max_starting": listed["max_starting"]}
 
     def set_faults(self, **faults: Any) -> None:
         self._control("POST", "/_sim/faults", faults)
