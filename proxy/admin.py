@@ -21,8 +21,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .attempts import Attempts
-from .instances import InstanceSet
+from .drain import Drainer
+from .errors import ProxyError
+from .instances import Instance, InstanceSet
 from .reconcile import Reconciler
+from .restore import Restorer
 from .table import RoutingTable
 
 MAX_PAGE = 1000
@@ -77,15 +80,19 @@ class AdminGuard:
 
 def admin_routes(
     token: str,
+    api_key: str,
     table: RoutingTable,
     instances: InstanceSet,
     reconciler: Reconciler,
     attempts: Attempts,
+    drainer: Drainer,
+    restorer: Restorer,
 ) -> list[Route]:
     """The admin routes, none of which checks the token itself: ``AdminGuard`` is the one check,
     so they must only ever be served behind it (``endpoints.py`` mounts them there)."""
     if not token:
         return []
+    settings_api_key = api_key
 
     async def routes(request: Request) -> Response:
         try:
@@ -116,8 +123,63 @@ def admin_routes(
             )
         return JSONResponse({"session_id": session_id, "instance": known, "negative": known == "-"})
 
+    def described(instance: Instance) -> dict[str, object]:
+        state = drainer.state_of(instance)
+        return {
+            **instance.snapshot(),
+            "state": state.state,
+            "drain": state.as_dict(),
+            "starts_running": drainer.starts_running(instance),
+        }
+
     async def instance_list(request: Request) -> Response:
-        return JSONResponse({"instances": [i.snapshot() for i in instances.all]})
+        return JSONResponse({"instances": [described(i) for i in instances.all]})
+
+    async def named_instance(request: Request) -> Instance | Response:
+        """The instance the JSON body names (``{"instance": "<url or alias>"}``)."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        name = body.get("instance") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            return _error(400, "bad-request", 'the body must be {"instance": "<url or alias>"}')
+        instance = instances.get(name) or instances.resolve(name)
+        if instance is None:
+            return _error(404, "unknown-instance", "no instance of the set has that url or alias")
+        return instance
+
+    async def drain(request: Request) -> Response:
+        if not settings_api_key:
+            return _error(409, "no-api-key", "moving sessions needs SESSION_PROXY_API_KEY")
+        instance = await named_instance(request)
+        if isinstance(instance, Response):
+            return instance
+        drainer.drain(instance)
+        return JSONResponse(described(instance), status_code=202)
+
+    async def undrain(request: Request) -> Response:
+        instance = await named_instance(request)
+        if isinstance(instance, Response):
+            return instance
+        drainer.undrain(instance)
+        return JSONResponse(described(instance))
+
+    async def rebalance(request: Request) -> Response:
+        dry_run = request.query_params.get("dry_run", "0").lower() in ("1", "true", "yes")
+        if not dry_run and not settings_api_key:
+            return _error(409, "no-api-key", "moving sessions needs SESSION_PROXY_API_KEY")
+        try:
+            plan = await drainer.rebalance(dry_run)
+        except ProxyError as error:
+            return _error(503, "inventory-failed", error.detail)
+        return JSONResponse(plan, status_code=200 if dry_run or not plan["moves"] else 202)
+
+    async def rebalance_status(request: Request) -> Response:
+        return JSONResponse({"last": drainer.last_rebalance})
+
+    async def restores(request: Request) -> Response:
+        return JSONResponse(restorer.status())
 
     async def reconcile(request: Request) -> Response:
         dry_run = request.query_params.get("dry_run", "0").lower() in ("1", "true", "yes")
@@ -144,9 +206,21 @@ def admin_routes(
         Route("/_proxy/routes", routes, methods=["GET"]),
         Route("/_proxy/routes/{session_id}", route, methods=["GET", "DELETE"]),
         Route("/_proxy/instances", instance_list, methods=["GET"]),
+        Route("/_proxy/instances/drain", drain, methods=["POST"]),
+        Route("/_proxy/instances/undrain", undrain, methods=["POST"]),
+        Route("/_proxy/rebalance", rebalance, methods=["POST"]),
+        Route("/_proxy/rebalance", rebalance_status, methods=["GET"]),
+        Route("/_proxy/restores", restores, methods=["GET"]),
         Route("/_proxy/reconcile", reconcile, methods=["POST"]),
         Route("/_proxy/stats", stats, methods=["GET"]),
     ]
+
+
+def _error(status: int, code: str, detail: str) -> Response:
+    """The proxy's own error shape (``forward.error_body``), with its ``X-Proxy-Error``."""
+    return JSONResponse(
+        {"error": detail, "code": code}, status_code=status, headers={"x-proxy-error": code}
+    )
 
 
 def _open_fds() -> int | None:

@@ -24,6 +24,7 @@ from .client import Timeouts, create_client
 from .config import Settings
 from .discovery import LIST_PATH, Discovery
 from .dns import DnsWatcher, Resolver
+from .drain import Drainer
 from .endpoints import Endpoints, is_own
 from .errors import (
     BodyTooLarge,
@@ -47,7 +48,9 @@ from .health import HealthChecker
 from .instances import Instance, InstanceSet
 from .observe import new_request_id
 from .reconcile import Reconciler
+from .restore import Restorer
 from .sessions import Kind, Role, SessionRouter, Target
+from .starts import Starter
 from .store import Store, StoreUnavailable
 from .table import RoutingTable, make_cache
 from .tasks import Supervisor
@@ -104,7 +107,23 @@ class ProxyApp:
             if settings.settle_duplicates
             else None
         )
-        self.reconciler = Reconciler(settings, self.instances, self.discovery, self.store, settler)
+        self.starter = Starter(settings, self.instances, self.discovery, self.client)
+        self.restorer = Restorer(settings, self.attempts, self.starter, self.store)
+        self.drainer = Drainer(
+            settings, self.instances, self.attempts, self.starter, self.restorer, self.store
+        )
+        self.health.on_eject.append(self.restorer.instance_lost)
+        self.attempts.on_owner = self.restorer.owner_seen
+        self.attempts.on_owner_gone = self.restorer.owner_gone
+        self.health.on_back.append(self.drainer.instance_back)
+        self.reconciler = Reconciler(
+            settings,
+            self.instances,
+            self.discovery,
+            self.store,
+            settler,
+            self.restorer.sessions_lost,
+        )
         self.sessions = SessionRouter(settings)
         self.dns = (
             DnsWatcher(settings, self.instances, self.health, resolver)
@@ -122,6 +141,8 @@ class ProxyApp:
             self.store,
             self.reconciler,
             self.attempts,
+            self.drainer,
+            self.restorer,
             self.tasks,
             self._lifespan,
         )
@@ -148,6 +169,8 @@ class ProxyApp:
             self.tasks.start("dns", self.dns.run)
         await self.health.check_all()
         self.tasks.start("health-checks", self.health.run)
+        if self.restorer.enabled:
+            self.tasks.start("restore", self.restorer.run)
         if self.store is not None:
             await self.store.start_background(self.tasks)
             with contextlib.suppress(StoreUnavailable):
@@ -159,6 +182,7 @@ class ProxyApp:
     async def stop(self) -> None:
         self.endpoints.shutting_down = True
         await self.tasks.close()
+        await self.drainer.close()
         await self.attempts.holds.close()
         if self.store is not None:
             await self.store.close()
@@ -325,7 +349,11 @@ class ProxyApp:
         if session_id is None:
             return await self.attempts.to_any(request, self.attempts.pick_any)
         if target.kind is Kind.CREATE or target.role is Role.STARTS:
-            return await self.attempts.start(session_id, request)
+            answer = await self.attempts.start(session_id, request)
+            created = target.kind is Kind.CREATE and 200 <= answer.response.status < 300
+            if created and isinstance(request.body, bytes):
+                self.restorer.remember(session_id, request.body)
+            return answer
         return await self.attempts.to_session(session_id, request, target.role)
 
     async def _delete(self, session_id: str, request: OutgoingRequest) -> Attempted | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from .errors import (
     SessionNotFound,
     UpstreamUnreachable,
 )
-from .forward import buffered_body, is_session_not_found
+from .forward import buffered_body, is_not_connected, is_session_not_found
 from .health import HealthChecker
 from .hold import Holds
 from .instances import Instance, InstanceSet
@@ -50,6 +51,8 @@ log = logging.getLogger("session_proxy.replay")
 _CONFIRM_HELD = metrics.OWNER_CONFIRMATIONS.labels("held")
 _CONFIRM_NOT_HELD = metrics.OWNER_CONFIRMATIONS.labels("not_held")
 _CONFIRM_FAILED = metrics.OWNER_CONFIRMATIONS.labels("failed")
+
+_FULL_LOOK = 0.5  # seconds between whole-fleet looks for a held session expected somewhere
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -79,6 +82,15 @@ class Attempted:
     body: bytes | None
     instance: Instance
     attempts: int
+    not_connected: bool = False  # the instance holds the session, still starting: nothing sent
+
+
+class NotConnectedYet(Exception):
+    """The owner holds the session but it is not connected yet (it refused the send)."""
+
+    def __init__(self, answer: Attempted) -> None:
+        super().__init__("session not connected yet")
+        self.answer = answer
 
 
 @dataclass
@@ -130,6 +142,14 @@ class Attempts:
         self.holds = Holds(settings, self._connected_holder)
         self._no_row: dict[str, float] = {}  # sessions without an active row, until when
         self.rediscoveries = 0
+        self.busy: dict[str, int] = {}  # session id -> requests being forwarded for it now
+        self.starting: set[str] = set()  # sessions the proxy itself is starting (restore, move)
+        # Told where a session was found (without a database) and when its owner died holding
+        # it: what a restore needs to know.
+        self.on_owner: Callable[[str, Instance], None] | None = None
+        self.on_owner_gone: Callable[[str, str | None], None] | None = None
+        self._expected_at: OrderedDict[str, str] = OrderedDict()  # held session -> instance url
+        self._next_look: dict[str, float] = {}  # held session -> next whole-fleet look
 
     # --- owners ----------------------------------------------------------------------------------
 
@@ -145,10 +165,20 @@ class Attempts:
                 return instance
         return await self._locate(session_id, exclude=None, ask_store=True)
 
+    async def now_on(self, session_id: str, instance: Instance) -> None:
+        """The proxy itself started the session there and saw it connected (a restore, a move):
+        route to it, write it back, release the requests held for it."""
+        await self.table.put(session_id, instance.url)
+        self.confirmations.confirm(session_id, instance.url)
+        self.record(session_id, instance)
+        self.holds.arrived(session_id, instance)
+
     def record(self, session_id: str, instance: Instance) -> None:
         """Tell the database where the session is (queued, written in batches)."""
         if self.store is not None:
             self.store.record(session_id, instance.alias)
+        elif self.on_owner is not None:
+            self.on_owner(session_id, instance)  # without a database, the restorer keeps it
 
     async def _stored_owner(self, session_id: str) -> Instance | None:
         """The database row's owner, when it names a healthy member of the instance set."""
@@ -272,30 +302,72 @@ class Attempts:
         self, session_id: str, request: OutgoingRequest, role: Role = Role.REFUSES
     ) -> Attempted:
         """The session's owner answers; a session that should exist but that no live instance
-        holds yet is held until it is back (``hold.py``). A start is not held: it is placed."""
+        holds yet, or that is still starting on its owner, is held until it is connected
+        (``hold.py``). A start is not held: it is placed."""
         if self.holds.queued(session_id) and role is not Role.STARTS:
-            # Others wait for this session: queue behind them rather than overtake.
+            # Others wait for this session (or it is being moved): queue behind them.
             async with self.holds.turn(session_id, request.held_size) as owner:
-                return await self._to_session(session_id, request, role, owner)
+                try:
+                    return await self._counted(session_id, request, role, owner)
+                except NotConnectedYet as starting:
+                    return starting.answer
         try:
-            return await self._to_session(session_id, request, role)
+            return await self._counted(session_id, request, role)
+        except NotConnectedYet as starting:
+            if not await self._may_hold(session_id, request, role, None):
+                return starting.answer  # the instance's own 400, as it said it
+            await starting.answer.response.close()
+            self.expect(session_id, starting.answer.instance.url)
+            attempts = starting.answer.attempts
         except (SessionNotFound, OwnerGone) as error:
-            if (
-                role is Role.STARTS
-                or self.settings.hold_timeout <= 0  # holding is off: fail at once, as before
-                or not request.can_resend
-                or not await self._should_exist(session_id, error)
-            ):
+            if isinstance(error, OwnerGone):
+                self.expect(session_id, error.instance)  # a restart restores it there
+                if self.on_owner_gone is not None:
+                    self.on_owner_gone(session_id, error.instance)
+            if not await self._may_hold(session_id, request, role, error):
                 raise
-            # Refused or never reached: nothing was carried out, so it may be sent once more.
-            async with self.holds.turn(session_id, request.held_size) as owner:
-                answer = await self._to_session(session_id, request, role, owner)
-                answer.attempts += error.attempts
-                return answer
+            attempts = error.attempts
+        # Refused or never reached: nothing was carried out, so it may be sent once more.
+        async with self.holds.turn(session_id, request.held_size) as owner:
+            try:
+                answer = await self._counted(session_id, request, role, owner)
+            except NotConnectedYet as starting:
+                answer = starting.answer
+            answer.attempts += attempts
+            return answer
 
-    async def _should_exist(self, session_id: str, error: ProxyError) -> bool:
+    async def _counted(
+        self, session_id: str, request: OutgoingRequest, role: Role, owner: Instance | None = None
+    ) -> Attempted:
+        """``_to_session``, counted in ``busy``: a move waits until a session has none."""
+        busy = self.busy
+        busy[session_id] = busy.get(session_id, 0) + 1
+        try:
+            # An owner handed over by the hold was seen holding it connected just now, even if
+            # it is still ejected (an instance restarting behind its back-off): try it first.
+            return await self._to_session(session_id, request, role, owner, owner is not None)
+        finally:
+            left = busy[session_id] - 1
+            if left:
+                busy[session_id] = left
+            else:
+                del busy[session_id]
+
+    async def _may_hold(
+        self, session_id: str, request: OutgoingRequest, role: Role, error: ProxyError | None
+    ) -> bool:
+        return (
+            role is not Role.STARTS
+            and self.settings.hold_timeout > 0  # holding is off: fail at once, as before
+            and request.can_resend
+            and await self._should_exist(session_id, error)
+        )
+
+    async def _should_exist(self, session_id: str, error: ProxyError | None) -> bool:
         if self.holds.expected(session_id) or isinstance(error, OwnerGone):
             return True  # others wait for it already, or its owner died holding it
+        if session_id in self.starting:
+            return True  # the proxy is starting it (a restore, a move)
         if self.store is None:
             return False
         now = time.monotonic()
@@ -311,16 +383,46 @@ class Attempts:
         self._no_row[session_id] = now + self.settings.negative_ttl
         return False
 
+    def expect(self, session_id: str, url: str | None) -> None:
+        """Where a held session is most likely to come back: its owner that died (restarting
+        restores it there), or where the proxy just placed it."""
+        if url is None:
+            return
+        self._expected_at[session_id] = url
+        self._expected_at.move_to_end(session_id)
+        while len(self._expected_at) > 10_000:
+            self._expected_at.popitem(last=False)
+
     async def _connected_holder(self, session_id: str) -> Instance | None:
-        """For a held session's watcher: an instance holding it ``connected``, asked afresh."""
+        """For a held session's watcher: an instance holding it ``connected``, asked afresh.
+
+        The instance it is expected back on is asked every poll, through one list call per
+        instance shared by every session waiting there (so a thousand held sessions cost that
+        instance one call per poll); the whole fleet at most every ``_FULL_LOOK`` seconds."""
+        expected = self.instances.get(self._expected_at.get(session_id) or "")
+        if expected is not None and not expected.draining:  # ejected too: it is restarting
+            statuses = await self.discovery.statuses_on(expected, self.settings.hold_poll_interval)
+            if isinstance(statuses, dict) and statuses.get(session_id) == CONNECTED:
+                return await self._found(session_id, expected)
+            now = time.monotonic()
+            if self._next_look.get(session_id, 0.0) > now:
+                return None
+            self._next_look[session_id] = now + _FULL_LOOK
+            if len(self._next_look) > 10_000:
+                self._next_look = {k: t for k, t in self._next_look.items() if t > now}
         await self.table.forget(session_id)  # no negative entry may hide its return
         located = await self.discovery.locate(session_id)
         if located.instance is None or located.status != CONNECTED:
             return None
-        await self.table.put(session_id, located.instance.url)
-        self.confirmations.confirm(session_id, located.instance.url)
-        self.record(session_id, located.instance)
-        return located.instance
+        return await self._found(session_id, located.instance)
+
+    async def _found(self, session_id: str, instance: Instance) -> Instance:
+        await self.table.put(session_id, instance.url)
+        self.confirmations.confirm(session_id, instance.url)
+        self.record(session_id, instance)
+        self._expected_at.pop(session_id, None)
+        self._next_look.pop(session_id, None)
+        return instance
 
     async def _to_session(
         self,
@@ -328,6 +430,7 @@ class Attempts:
         request: OutgoingRequest,
         role: Role,
         owner: Instance | None = None,
+        seen_just_now: bool = False,
     ) -> Attempted:
         if owner is None:
             owner = await self.owner_of(session_id)
@@ -336,10 +439,12 @@ class Attempts:
         confirm = role is not Role.REFUSES
         try:
             while True:
-                if not owner.healthy:  # ejected; a draining owner still serves its sessions
+                if not owner.healthy and not seen_just_now:
+                    # Ejected (a draining owner still serves its sessions).
                     owner = await self.rediscover(
                         session_id, owner, UpstreamUnreachable(f"{owner.url} is ejected")
                     )
+                seen_just_now = False
                 try:
                     if confirm and not self.confirmations.is_fresh(session_id, owner.url):
                         await self._confirm(session_id, owner)
@@ -351,6 +456,8 @@ class Attempts:
                         if not confirm and answer.response.status < 300:
                             # Only a holder answers a refusing route with success.
                             self.confirmations.confirm(session_id, owner.url)
+                        if answer.not_connected:
+                            raise NotConnectedYet(answer)
                         return answer
                     # The instance answered "Session not found": it refused the request, so any
                     # method may go to the real owner.
@@ -407,6 +514,7 @@ class Attempts:
         """Start the session on the least-loaded healthy instance and record it as the owner."""
         answer = await self.to_any(request, self.pick_least_loaded)
         if 200 <= answer.response.status < 300:
+            self.expect(session_id, answer.instance.url)  # held requests look there first
             answer.instance.sessions += 1
             await self.table.put(session_id, answer.instance.url)
             self.confirmations.confirm(session_id, answer.instance.url)
@@ -523,11 +631,13 @@ class Attempts:
             raise
         self.health.record_success(instance)
         body = None
-        if session_aware and response.status == 404:
-            # Read whatever the framing (a chunked "Session not found" too): 404s are small.
+        if session_aware and response.status in (400, 404):
+            # Read whatever the framing (a chunked "Session not found" too): these are small.
             body = await buffered_body(response, any_framing=True)
-            if body is not None and is_session_not_found(404, body):
+            if body is not None and is_session_not_found(response.status, body):
                 return None
+            if body is not None and is_not_connected(response.status, body):
+                return Attempted(response, body, instance, attempts, not_connected=True)
         return Attempted(response, body, instance, attempts)
 
     def _check_replay(

@@ -74,6 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(routes, {"admin_token": _SERVE_FLAGS["admin_token"], "host": "", "port": ""})
     routes.add_argument("--json", action="store_true", help="print JSON lines")
 
+    drain = commands.add_parser(
+        "drain",
+        help="move every session off an instance of a running proxy (before stopping it)",
+        description="Exit codes: 0 done (or started, without --wait); 1 the proxy could not be "
+        "asked or the drain did not finish in time; 3 drained, but some sessions could not be "
+        "moved.",
+    )
+    drain.add_argument("instance", help="the instance's URL or alias")
+    drain.add_argument("--url", default=None, help="the proxy (default http://HOST:PORT)")
+    drain.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=600.0,
+        default=None,
+        metavar="SECONDS",
+        help="follow the drain until it is done (at most SECONDS, default 600)",
+    )
+    _add_flags(drain, {"admin_token": _SERVE_FLAGS["admin_token"], "host": "", "port": ""})
+
+    rebalance = commands.add_parser(
+        "rebalance", help="move sessions from the most to the least loaded instances"
+    )
+    rebalance.add_argument("--url", default=None, help="the proxy (default http://HOST:PORT)")
+    rebalance.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    rebalance.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_flags(rebalance, {"admin_token": _SERVE_FLAGS["admin_token"], "host": "", "port": ""})
+
     demo = commands.add_parser(
         "demo",
         help="watch routing, crashes and the recovery",
@@ -125,6 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings_from(args)
             url = args.url or f"http://{settings.host}:{settings.port}"
             return routes_command(url, settings.admin_token, args.json)
+        if args.command in ("drain", "rebalance"):
+            from .operations import drain_command, rebalance_command
+
+            settings = settings_from(args)
+            url = args.url or f"http://{settings.host}:{settings.port}"
+            if args.command == "drain":
+                return drain_command(url, settings.admin_token, args.instance, args.wait)
+            return rebalance_command(url, settings.admin_token, args.dry_run, args.json)
         if args.command == "demo":
             from .demo import run_demo
 

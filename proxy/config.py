@@ -256,6 +256,9 @@ class Settings:
     column_status: str = _setting("status", _identifier)
     column_deleted_at: str = _setting("deleted_at", _identifier)
     active_status: str = _setting("connected", _text)
+    # What a re-create sends as account_id (the row's id) and workspace_id, when the table has them.
+    column_account_id: str = _setting("id", _identifier)
+    column_workspace_id: str = _setting("workspace_id", _identifier)
     database_pool_size: int = _setting(4, _count(1))
     writeback_queue_limit: int = _setting(100_000, _count(1))
     # Routing
@@ -308,8 +311,21 @@ class Settings:
     hold_timeout: float = _setting(20.0, _seconds(0.0))
     hold_max_per_session: int = _setting(100, _count(1))
     hold_max_bytes: int = _setting(64 * 1024 * 1024, _size)
-    hold_poll_interval: float = _setting(0.1, _seconds(0.01))
+    hold_poll_interval: float = _setting(0.025, _seconds(0.01))
     hold_fail_fast: float = _setting(5.0, _seconds(0.0))
+    # Restoring a dead instance's sessions on healthy ones (only where instances share session
+    # state: RemoteAuth or a shared volume; elsewhere a moved session needs a new QR scan).
+    restore: bool = _setting(False, _switch)
+    # Starts the proxy itself makes (restores, moves) at a time per instance: a reconnect storm
+    # must not take the fleet down.
+    restore_concurrency: int = _setting(4, _count(1))
+    restore_attempts: int = _setting(2, _count(1))  # instances tried per session, then reported
+    restore_connect_timeout: float = _setting(60.0, _seconds(0.1))  # create to `connected`
+    restore_poll_interval: float = _setting(0.025, _seconds(0.01))  # a starting session, asked
+    # Moving sessions off an instance (drain) or between instances (rebalance).
+    drain_concurrency: int = _setting(4, _count(1))  # sessions moved at a time
+    drain_in_flight_wait: float = _setting(60.0, _seconds(0.0))  # for a session's requests
+    rebalance_tolerance: float = _setting(0.1, _seconds(0.0))  # of the mean, at least 1 session
     passthrough_routes: tuple[str, ...] = _setting(
         (
             "/",
@@ -412,6 +428,11 @@ def _check(s: Settings) -> None:
         raise ConfigError(
             f"{ENV_PREFIX}REPLAY_BODY_LIMIT={s.replay_body_limit} is larger than "
             f"{ENV_PREFIX}MAX_BODY_SIZE={s.max_body_size}"
+        )
+    if s.restore and not s.api_key:
+        raise ConfigError(
+            f"{ENV_PREFIX}RESTORE=on needs {ENV_PREFIX}API_KEY: the proxy re-creates sessions "
+            "with the gateway's own create call, which the key authorizes"
         )
     if s.eject_max_seconds < s.eject_base_seconds:
         raise ConfigError(

@@ -136,6 +136,7 @@ class Discovery:
         self._snapshot_task: asyncio.Task[Snapshot] | None = None
         self.probes = 0  # status requests sent to the fleet, for tests and metrics
         self.snapshots = 0  # rounds of list calls taken instead of probes
+        self._statuses: dict[str, tuple[float, asyncio.Task[dict[str, str] | ProxyError]]] = {}
 
     async def probe(self, instance: Instance, session_id: str) -> str | None:
         """The session's status on this instance, or None when it does not hold it."""
@@ -310,6 +311,43 @@ class Discovery:
                 inventory.sessions[url] = sessions if isinstance(sessions, list) else []
         inventory.seconds = time.monotonic() - started
         return inventory
+
+    async def sessions_on(self, instance: Instance) -> list[dict[str, Any]]:
+        """The sessions one instance holds now (its list, asked with the proxy's own key)."""
+        answer = (await self.ask_lists([instance], self._key_query, self._timeouts))[0]
+        if answer.error is not None:
+            raise answer.error
+        document = answer.document
+        if document is None:
+            raise ProxyError(f"{instance.url}'s session list answered {answer.status}")
+        sessions = document.get("sessions")
+        return [
+            entry
+            for entry in (sessions if isinstance(sessions, list) else [])
+            if isinstance(entry, dict) and isinstance(entry.get("session_id"), str)
+        ]
+
+    async def statuses_on(
+        self, instance: Instance, every: float, not_before: float = 0.0
+    ) -> dict[str, str] | ProxyError:
+        """session id -> status on ``instance``, from one list call shared by every caller
+        within half of ``every`` (the callers' poll interval): however many sessions are
+        awaited there, the instance gets one call per poll. ``not_before``: a call started
+        earlier does not count (a start must not read a list from before its create). The error
+        when the instance cannot answer."""
+        now = time.monotonic()
+        cached = self._statuses.get(instance.url)
+        if cached is None or cached[0] < max(now - every / 2, not_before):
+            task = asyncio.create_task(self._statuses_of(instance))
+            cached = self._statuses[instance.url] = (now, task)
+        return await asyncio.shield(cached[1])
+
+    async def _statuses_of(self, instance: Instance) -> dict[str, str] | ProxyError:
+        try:
+            entries = await self.sessions_on(instance)
+        except ProxyError as error:
+            return error
+        return {e["session_id"]: str(e.get("status") or "unknown") for e in entries}
 
     async def fleet_list(
         self, query: str, timeouts: Timeouts, headers_for: Callable[[Instance], Headers]

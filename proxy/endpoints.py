@@ -24,9 +24,11 @@ from . import metrics
 from .admin import ADMIN_PREFIX, AdminGuard, admin_routes
 from .attempts import Attempts
 from .config import Settings
+from .drain import Drainer
 from .instances import InstanceSet
 from .observe import new_request_id, redact
 from .reconcile import Reconciler
+from .restore import Restorer
 from .store import Store
 from .table import RoutingTable
 from .tasks import Supervisor
@@ -50,6 +52,8 @@ class Endpoints:
         store: Store | None,
         reconciler: Reconciler,
         attempts: Attempts,
+        drainer: Drainer,
+        restorer: Restorer,
         tasks: Supervisor,
         lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
     ) -> None:
@@ -58,6 +62,7 @@ class Endpoints:
         self._store = store
         self._reconciler = reconciler
         self._tasks = tasks
+        self._restorer = restorer
         self.started_at = time.time()
         self.shutting_down = False
         own = Starlette(
@@ -65,7 +70,16 @@ class Endpoints:
                 Route("/healthz", self._healthz),
                 Route("/readyz", self._readyz),
                 Route("/metrics", self._metrics),
-                *admin_routes(settings.admin_token, table, instances, reconciler, attempts),
+                *admin_routes(
+                    settings.admin_token,
+                    settings.api_key,
+                    table,
+                    instances,
+                    reconciler,
+                    attempts,
+                    drainer,
+                    restorer,
+                ),
             ],
             lifespan=lifespan,
             exception_handlers={HTTPException: _own_error, Exception: _own_error},
@@ -90,6 +104,8 @@ class Endpoints:
             # routing still works without, say, the reconcile loop).
             "background_tasks": self._tasks.status(),
         }
+        if self._restorer.enabled:
+            detail["restore"] = {k: v for k, v in self._restorer.status().items() if k != "recent"}
         if self._table.shared is not None:
             detail["shared_table"] = {"up": self._table.shared_up}
         store = self._store

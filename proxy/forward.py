@@ -63,6 +63,8 @@ ABORT_EXTENSION = "session_proxy.abort"
 # Responses up to this size are read whole and sent in one message: cheaper than a stream.
 BUFFER_RESPONSE_LIMIT = 256 * 1024
 SESSION_NOT_FOUND = "Session not found"
+# What a send to a session still starting answers (400, "... Please check session status.").
+NOT_CONNECTED = "Session not connected"
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -147,6 +149,18 @@ def is_session_not_found(status: int, body: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(document, dict) and document.get("error") == SESSION_NOT_FOUND
+
+
+def is_not_connected(status: int, body: bytes) -> bool:
+    """The instance holds the session but it is still starting: a send it refused."""
+    if status != 400 or NOT_CONNECTED.encode() not in body:
+        return False
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    error = document.get("error") if isinstance(document, dict) else None
+    return isinstance(error, str) and error.startswith(NOT_CONNECTED)
 
 
 async def buffered_body(response: UpstreamResponse, any_framing: bool = False) -> bytes | None:

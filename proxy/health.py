@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from . import metrics
 from .client import Timeouts, UpstreamClient
@@ -31,6 +32,9 @@ class HealthChecker:
         self._instances = instances
         self._client = client
         self._timeouts = Timeouts(settings.health_timeout, settings.health_timeout)
+        # Told at once when an instance is ejected or comes back (restores, drains).
+        self.on_eject: list[Callable[[Instance], None]] = []
+        self.on_back: list[Callable[[Instance], None]] = []
 
     # --- passive: what real traffic shows --------------------------------------------------------
 
@@ -65,6 +69,8 @@ class HealthChecker:
             "instance ejected",
             extra={"instance": instance.url, "reason": reason, "backoff_seconds": backoff},
         )
+        for listener in self.on_eject:
+            listener(instance)
 
     # --- active: GET /health ---------------------------------------------------------------------
 
@@ -84,6 +90,8 @@ class HealthChecker:
             instance.healthy = True
             metrics.INSTANCE_HEALTHY.labels(instance.url).set(1)
             log.info("instance restored", extra={"instance": instance.url})
+            for listener in self.on_back:
+                listener(instance)
         elif instance.healthy and now >= instance.ejected_until + self._settings.eject_max_seconds:
             instance.ejections_in_a_row = 0  # stable long enough: the next ejection starts short
 

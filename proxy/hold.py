@@ -44,6 +44,7 @@ class _Queue:
     owner: Instance | None = None
     active: bool = False  # a released request is being forwarded; the next one waits for it
     watcher: asyncio.Task[None] | None = None
+    paused: bool = False  # a move holds the session: only ``release`` says where it went
 
 
 class Holds:
@@ -108,8 +109,49 @@ class Holds:
             if handed_the_turn:  # forwarded, failed or cancelled: the next one goes now
                 queue.active = False
                 self._next(queue)
-            if not queue.waiters and not queue.active:
+            if not queue.waiters and not queue.active and not queue.paused:
                 self._close(session_id, queue)
+
+    # --- moves and restores ----------------------------------------------------------------------
+
+    def pause(self, session_id: str) -> None:
+        """Hold every new request for this session until ``release`` (a move: break before
+        make). A request already released keeps going; the next one waits."""
+        queue = self._queues.get(session_id)
+        if queue is None:
+            queue = self._queues[session_id] = _Queue()
+        queue.paused = True
+        queue.owner = None
+        if queue.watcher is not None:
+            queue.watcher.cancel()
+            queue.watcher = None
+
+    def release(self, session_id: str, owner: Instance | None) -> None:
+        """End a pause: the held requests go to ``owner`` in order; with None, they wait until
+        the session is found connected somewhere, as any held request does."""
+        queue = self._queues.get(session_id)
+        if queue is None or not queue.paused:
+            return
+        queue.paused = False
+        if not queue.waiters and not queue.active:
+            self._close(session_id, queue)
+        elif owner is not None:
+            queue.owner = owner
+            self._next(queue)
+        else:
+            queue.watcher = asyncio.create_task(self._watch(session_id, queue))
+
+    def arrived(self, session_id: str, owner: Instance) -> None:
+        """The session is connected on ``owner`` (the proxy started it there): release its
+        held requests now rather than at the watcher's next look."""
+        queue = self._queues.get(session_id)
+        if queue is None or queue.paused or queue.owner is not None:
+            return
+        queue.owner = owner
+        if queue.watcher is not None:
+            queue.watcher.cancel()
+            queue.watcher = None
+        self._next(queue)
 
     def _expire(self, session_id: str) -> None:
         _EXPIRED.inc()

@@ -37,6 +37,7 @@ class Instance:
     last_error: str | None = None
     last_check_at: float = 0.0
     draining: bool = False  # gone from DNS: no new sessions, known ones still served
+    cordoned: bool = False  # drained by an operator (``drain.py``): no new sessions
     draining_since: float = 0.0
     dynamic: bool = False  # came from DNS (static members are never drained)
     stored_form: str | None = None  # how the database spells this instance, once seen there
@@ -54,7 +55,7 @@ class Instance:
 
     @property
     def available(self) -> bool:
-        return self.healthy and not self.draining
+        return self.healthy and not self.draining and not self.cordoned
 
     def snapshot(self, now: float | None = None) -> dict[str, object]:
         now = time.monotonic() if now is None else now
@@ -63,6 +64,7 @@ class Instance:
             "aliases": list(self.aliases),
             "healthy": self.healthy,
             "draining": self.draining,
+            "cordoned": self.cordoned,
             "sessions": self.sessions,
             "consecutive_failures": self.consecutive_failures,
             "ejected": not self.healthy,

@@ -108,6 +108,40 @@ HOLD_SECONDS = Histogram(
     "How long a released request was held",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30),
 )
+STARTS = Counter(
+    f"{PREFIX}_starts",
+    "Session starts the proxy made itself (restores, moves), by outcome "
+    "(connected, failed, timed_out)",
+    ["outcome"],
+)
+START_SECONDS = Histogram(
+    f"{PREFIX}_start_seconds",
+    "From the proxy's create call to the session being connected",
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
+)
+STARTS_RUNNING = Gauge(
+    f"{PREFIX}_starts_running",
+    "Starts the proxy is running on each instance now (bounded by RESTORE_CONCURRENCY)",
+    ["instance"],
+    multiprocess_mode="livesum",
+)
+RESTORES = Counter(
+    f"{PREFIX}_restores",
+    "Sessions of a dead instance the proxy restored, by result "
+    "(started, succeeded, failed, already_running)",
+    ["result"],
+)
+INSTANCE_DRAINING = Gauge(
+    f"{PREFIX}_instance_draining",
+    "1 while an instance is being drained or stays drained (takes no new sessions)",
+    ["instance"],
+    multiprocess_mode="max",
+)
+MOVES = Counter(
+    f"{PREFIX}_moves",
+    "Sessions moved off an instance by a drain or a rebalance, by result (moved, failed)",
+    ["result"],
+)
 CACHE_FALLBACKS = Counter(
     f"{PREFIX}_cache_fallbacks", "Shared-table (Redis) failures answered from the local table"
 )

@@ -1,9 +1,11 @@
-"""One-shot commands an operator runs: ``reconcile`` and ``migrate``."""
+"""One-shot commands an operator runs: ``reconcile`` and ``migrate``, and the ones that ask a
+running proxy: ``routes``, ``drain``, ``rebalance``."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 import asyncpg
 import httpx
@@ -92,4 +94,77 @@ def routes_command(url: str, token: str, as_json: bool) -> int:
             query = page["next"] or ""
     if not as_json:
         print(f"({count} sessions)")
+    return EXIT_OK
+
+
+def _admin_client(url: str, token: str, command: str) -> httpx.Client:
+    if not token:
+        raise ConfigError(f"SESSION_PROXY_ADMIN_TOKEN (or --admin-token) is required for {command}")
+    headers = {"authorization": f"Bearer {token}"}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, trust_env=False, timeout=30)
+
+
+def drain_command(url: str, token: str, instance: str, wait: float | None) -> int:
+    """Ask a running proxy to move every session off ``instance``; with ``wait``, follow it
+    until the instance is drained (exit 3 if some sessions could not be moved, 1 on time-out)."""
+    with _admin_client(url, token, "drain") as client:
+        try:
+            response = client.post("/_proxy/instances/drain", json={"instance": instance})
+        except httpx.HTTPError as exc:
+            print(f"drain: cannot reach {url}: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if response.status_code != 202:
+            print(f"drain: {url} answered {response.status_code}: {response.text}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        state = response.json()
+        print(f"draining {state['url']}: {state['drain']['remaining']} sessions to move")
+        if wait is None:
+            return EXIT_OK
+        deadline = time.monotonic() + wait
+        while state["state"] == "draining":
+            if time.monotonic() >= deadline:
+                print(f"drain: not drained within {wait:g} s", file=sys.stderr)
+                return EXIT_UNREACHABLE
+            time.sleep(0.5)
+            try:
+                listing = client.get("/_proxy/instances").json()["instances"]
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                print(f"drain: cannot follow the drain: {exc}", file=sys.stderr)
+                return EXIT_UNREACHABLE
+            state = next((i for i in listing if i["url"] == state["url"]), state)
+            drain = state["drain"]
+            print(f"  moved {drain['moved']}, failed {drain['failed']}, left {drain['remaining']}")
+    drain = state["drain"]
+    print(
+        f"{state['url']} {state['state']} in {drain['seconds']} s: moved {drain['moved']}, "
+        f"failed {drain['failed']}, left {drain['remaining']}"
+    )
+    return EXIT_PARTIAL if drain["failed"] or drain["remaining"] else EXIT_OK
+
+
+def rebalance_command(url: str, token: str, dry_run: bool, as_json: bool) -> int:
+    """Ask a running proxy for a rebalance (or only its plan, with ``dry_run``)."""
+    with _admin_client(url, token, "rebalance") as client:
+        try:
+            response = client.post("/_proxy/rebalance", params={"dry_run": "1" if dry_run else "0"})
+        except httpx.HTTPError as exc:
+            print(f"rebalance: cannot reach {url}: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    if response.status_code not in (200, 202):
+        print(f"rebalance: {url} answered {response.status_code}: {response.text}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    plan = response.json()
+    if as_json:
+        print(json.dumps(plan))
+        return EXIT_OK
+    print(f"{'instance':<40} {'now':>6} {'after':>6}")
+    for instance, count in sorted(plan["before"].items()):
+        print(f"{instance:<40} {count:>6} {plan['after'][instance]:>6}")
+    verb = "would move" if dry_run else "moving"
+    print(
+        f"{verb} {len(plan['moves'])} sessions (mean {plan['mean']}, tolerance "
+        f"{plan['tolerance']:g} of it)"
+    )
+    for move in plan["moves"][:20]:
+        print(f"  {move['session_id']}: {move['from']} -> {move['to']}")
     return EXIT_OK

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -90,12 +91,14 @@ class Reconciler:
         discovery: Discovery,
         store: Store | None,
         settler: DuplicateSettler | None = None,
+        on_lost: Callable[[list[tuple[str, str | None]]], None] | None = None,
     ) -> None:
         self._settings = settings
         self._instances = instances
         self._discovery = discovery
         self._store = store
         self._settler = settler  # set: extra copies of a session are disconnected
+        self._on_lost = on_lost  # told the active rows no instance holds (RESTORE=on)
         self.runs = 0
         self.skips = 0
         self.last_report: Report | None = None
@@ -197,6 +200,17 @@ class Reconciler:
                 )
         if report.dry_run:
             return
+        if self._on_lost is not None and report.unreachable:
+            # Only where nobody can hold it unseen: the row's instance answered its list (and
+            # lacks it), or is down or unknown. One that is up but did not answer may hold it.
+            lost = [
+                (row["session_id"], row["stored"])
+                for row in report.unreachable
+                if (was_on := resolved[row["stored"]]) is None
+                or not was_on.healthy
+                or was_on.url in inventory.sessions
+            ]
+            self._on_lost(lost)
         if moves:
             report.rows_written = await store.write_owners(moves, purpose="reconcile")
         if extras:

@@ -6,7 +6,9 @@
 - ``listen``: a dedicated connection LISTENs for the trigger's NOTIFY (``migrate`` installs it)
   and forgets that session's entry in every replica at once; after any disconnection the whole
   table is dropped, since notifications sent meanwhile are lost.
-- ``leader``: a session-level advisory lock, so one replica reconciles at a time.
+- ``leader``: a session-level advisory lock, so one replica reconciles (or restores) at a time.
+- ``create_fields`` / ``rows_on``: what a re-create of a session needs (its row's ``id`` and
+  workspace), for restores and moves.
 - ``migrate``: runs the statements of ``migrations.py`` (the trigger, a standalone table).
 
 The database going away never takes routing down: lookups are skipped while it is down (the
@@ -52,6 +54,18 @@ class Columns:
     updated_at: bool = False
     # Every NOT NULL column without a default is one we can fill: rows may be inserted.
     insertable: bool = False
+    # What the gateway's create call carries besides the session id (the account is the row id).
+    account_id: bool = False
+    workspace_id: bool = False
+
+
+@dataclass(frozen=True)
+class CreateFields:
+    """What the gateway's create call needs to start a session again."""
+
+    session_id: str
+    account_id: Any = None  # the row's id
+    workspace_id: Any = None
 
 
 @dataclass
@@ -189,6 +203,8 @@ class Store:
             migrated_at="last_instance_migration_at" in names,
             updated_at="updated_at" in names,
             insertable=required <= fillable,
+            account_id=self.settings.column_account_id in names,
+            workspace_id=self.settings.column_workspace_id in names,
         )
 
     # --- lookups ---------------------------------------------------------------------------------
@@ -337,21 +353,57 @@ class Store:
             )
         return [r[0] for r in rows]
 
+    # --- restores and moves ----------------------------------------------------------------------
+
+    def _create_columns(self) -> str:
+        s, c = self.settings, self._columns
+        account = quote_ident(s.column_account_id) if c.account_id else "NULL"
+        workspace = quote_ident(s.column_workspace_id) if c.workspace_id else "NULL"
+        return f"{self._sid}, {account}, {workspace}"
+
+    async def create_fields(self, session_ids: list[str]) -> dict[str, CreateFields]:
+        """The create-call fields of these sessions' active rows (one statement)."""
+        if not session_ids:
+            return {}
+        async with self._connection() as conn:
+            self._count("background")
+            rows = await conn.fetch(
+                f"SELECT {self._create_columns()} FROM {self._table} "
+                f"WHERE {self._sid} = ANY($1::text[]) AND {self._deleted} IS NULL "
+                f"AND {self._status} = $2",
+                session_ids,
+                self.settings.active_status,
+            )
+        return {r[0]: CreateFields(r[0], r[1], r[2]) for r in rows}
+
+    async def rows_on(self, stored_forms: list[str]) -> list[CreateFields]:
+        """Every active row whose owner is spelled one of ``stored_forms``: an instance's
+        sessions, as the application believes them to be."""
+        async with self._connection() as conn:
+            self._count("background")
+            rows = await conn.fetch(
+                f"SELECT {self._create_columns()} FROM {self._table} "
+                f"WHERE {self._url} = ANY($1::text[]) AND {self._deleted} IS NULL "
+                f"AND {self._status} = $2 AND {self._sid} IS NOT NULL",
+                stored_forms,
+                self.settings.active_status,
+            )
+        return [CreateFields(r[0], r[1], r[2]) for r in rows]
+
     @contextlib.asynccontextmanager
-    async def leader(self) -> AsyncIterator[bool]:
-        """Hold the reconcile lock for the block; yields False when another replica holds it."""
+    async def leader(self, role: str = "reconcile") -> AsyncIterator[bool]:
+        """Hold ``role``'s lock for the block; yields False when another replica holds it."""
+        key = self._lock_key if role == "reconcile" else f"{self._lock_key}:{role}"
         async with self._connection() as conn:
             self._count("reconcile")
-            got = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_key)
+            got = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
             try:
                 yield bool(got)
             finally:
                 if got:
                     with contextlib.suppress(Exception):
                         self._count("reconcile")
-                        await conn.fetchval(
-                            "SELECT pg_advisory_unlock(hashtext($1))", self._lock_key
-                        )
+                        await conn.fetchval("SELECT pg_advisory_unlock(hashtext($1))", key)
 
     @property
     def _lock_key(self) -> str:

@@ -355,6 +355,19 @@ def test_instances_statefulset_and_headless_service_match_the_proxy_config() -> 
     assert dns == f"{service['metadata']['name']}.{namespace}.svc.cluster.local:3000"
 
 
+def test_instances_drain_through_the_proxy_before_they_stop() -> None:
+    statefulset = one(render("instances"), "StatefulSet", "whatsapp-instances")
+    pod = statefulset["spec"]["template"]["spec"]
+    instance = pod["containers"][0]
+    script = instance["lifecycle"]["preStop"]["exec"]["command"][-1]
+    assert "/_proxy/instances/drain" in script and '"draining"' in script
+    waits = int(re.search(r"Date.now\(\) \+ (\d+)", script).group(1)) / 1000  # type: ignore[union-attr]
+    assert pod["terminationGracePeriodSeconds"] > waits  # the drain ends before the SIGKILL
+    env = {e["name"]: e for e in instance["env"]}
+    assert env["PROXY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "admin-token"
+    assert env["PROXY_URL"]["value"].startswith("http://session-proxy.")
+
+
 def test_jobs_run_migrate_with_the_database_secret() -> None:
     docs = render("jobs")
     job = one(docs, "Job", "session-proxy-migrate")

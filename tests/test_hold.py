@@ -5,14 +5,19 @@ Real processes: simulator instances, a Laravel stand-in for the start-up restore
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from proxy.config import Settings
+from proxy.hold import Holds
+from proxy.instances import Instance
 from tests.conftest import API_KEY
 from tests.helpers.laravel import LaravelStandIn
 from tests.helpers.postgres import TempDatabase
@@ -201,3 +206,137 @@ def test_an_active_row_nobody_holds_is_held_a_logged_out_one_is_not(
     finally:
         proxy.stop()
         sim.stop()
+
+
+# --- pause and release (a move), arrival (a restore): the queue alone, in one process ----------
+
+
+def _holds(find_result: list[Instance | None], **settings: Any) -> Holds:
+    async def find(_session_id: str) -> Instance | None:
+        return find_result[0]
+
+    return Holds(Settings(hold_poll_interval=0.01, **settings), find)
+
+
+def test_a_paused_session_waits_for_release_even_when_found_connected() -> None:
+    source, target = Instance("http://127.0.0.1:1"), Instance("http://127.0.0.1:2")
+
+    async def main() -> list[str]:
+        holds = _holds([source])  # the watcher would find it on the source: it must not look
+        holds.pause(SID)
+        order: list[str] = []
+
+        async def held(name: str) -> None:
+            async with holds.turn(SID, 10) as owner:
+                order.append(f"{name}->{owner.url}")
+                await asyncio.sleep(0.01)
+
+        waiting = [asyncio.create_task(held(f"r{n}")) for n in range(3)]
+        await asyncio.sleep(0.1)
+        assert order == [] and holds.queued(SID)
+        holds.release(SID, target)
+        await asyncio.gather(*waiting)
+        assert not holds.queued(SID)  # closed once the last one went
+        return order
+
+    assert asyncio.run(main()) == [f"r{n}->{target.url}" for n in range(3)]
+
+
+def test_a_pause_with_nobody_waiting_stays_until_released() -> None:
+    async def main() -> None:
+        holds = _holds([None])
+        holds.pause(SID)
+        await asyncio.sleep(0.05)
+        assert holds.queued(SID)  # a request arriving now must queue
+        holds.release(SID, None)
+        assert not holds.queued(SID)
+
+    asyncio.run(main())
+
+
+def test_arrival_releases_at_once_without_waiting_for_the_watcher() -> None:
+    owner = Instance("http://127.0.0.1:3")
+
+    async def main() -> float:
+        holds = _holds([None], hold_timeout=5.0)
+        got: list[float] = []
+
+        async def held() -> None:
+            async with holds.turn(SID, 1) as instance:
+                assert instance is owner
+                got.append(time.monotonic())
+
+        task = asyncio.create_task(held())
+        await asyncio.sleep(0.05)
+        arrived = time.monotonic()
+        holds.arrived(SID, owner)
+        await task
+        return got[0] - arrived
+
+    assert asyncio.run(main()) < 0.01
+
+
+def test_a_send_to_a_session_still_starting_is_held_until_it_is_connected(
+    tmp_path: Path, pg_database: TempDatabase
+) -> None:
+    """The instance restores its sessions at start, each taking 2 s to connect; meanwhile it
+    answers sends `400 Session not connected`. With the row active, the send waits instead."""
+    laravel = LaravelStandIn([{"session_id": SID, "workspace_id": 1, "id": 7}]).start()
+    owner = Simulator.start(
+        tmp_path, "starting", api_key=API_KEY, connect_delay=2.0, laravel_url=laravel.url
+    )
+    migrate(pg_database.url, "--create-table")
+    add_rows(pg_database, {SID: laravel_form(owner)})
+    proxy = ProxyProcess.start(
+        tmp_path,
+        {
+            "SESSION_PROXY_INSTANCES": owner.url,
+            "SESSION_PROXY_API_KEY": API_KEY,
+            "SESSION_PROXY_DATABASE_URL": pg_database.url,
+        },
+        ready_path="/readyz",
+    )
+    try:
+        owner.restored()  # its start-up restore ran: the session is starting
+        direct = httpx.post(
+            f"{owner.url}/api/messages/send",
+            json={
+                "session_id": SID,
+                "recipient_phone": "628120001111",
+                "message": "x",
+                "api_key": API_KEY,
+            },
+            trust_env=False,
+        )
+        assert direct.status_code == 400 and "not connected" in direct.text  # what it says
+        status, text, elapsed, _ = send(proxy, "while-starting")
+        assert status == 200, text
+        assert 0.3 < elapsed < 5.0
+        delivered = [e["request_id"] for e in owner.events("sent")]
+        assert delivered == ["while-starting"]
+        # Nobody expects a session without an active row (one waiting for its first QR scan,
+        # started on the instance directly): its 400 comes back at once.
+        other = "webjs_1_1732800000_fresh001"
+        created = httpx.post(
+            f"{owner.url}/api/sessions",
+            json={"session_id": other, "workspace_id": 1, "api_key": API_KEY},
+            trust_env=False,
+        )
+        assert created.status_code == 200
+        started = time.monotonic()
+        answer = httpx.post(
+            f"{proxy.url}/api/messages/send",
+            json={
+                "session_id": other,
+                "recipient_phone": "628120001111",
+                "message": "y",
+                "api_key": API_KEY,
+            },
+            trust_env=False,
+        )
+        assert answer.status_code == 400 and "not connected" in answer.text
+        assert time.monotonic() - started < 1.0
+    finally:
+        proxy.stop()
+        owner.stop()
+        laravel.stop()
