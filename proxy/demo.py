@@ -1,4 +1,4 @@
-"""``session-proxy demo``: three simulated instances, the real proxy, two crashes, the recovery.
+"""``session-proxy demo``: three simulated instances, the real proxy, three crashes, the recovery.
 
 Everything runs for real on loopback: the instances and the proxy are separate processes, a
 crash is a SIGKILL, and every line printed comes from an HTTP answer the proxy gave. The demo
@@ -10,6 +10,9 @@ shows the three ways the proxy learns that a session's owner is wrong or gone:
   meets ``404 "Session not found"`` and is replayed on the new owner;
 - from a health check: the owner was killed while the application was idle, so the proxy had
   already ejected it and the send goes straight to the new owner.
+
+Then nothing else restores a crashed instance's sessions: the proxy does (``RESTORE=on``), and
+the sends made meanwhile are held and delivered once the sessions are back.
 
 The logs (the proxy's, and each instance's JSON-lines request log) are kept after the demo.
 """
@@ -38,6 +41,7 @@ RECIPIENT = "6281234567890"
 # by the health checks for this long, so a request meets it first.
 HEALTH_INTERVAL = 2.0
 EJECT_BASE_SECONDS = 5.0
+CONNECT_DELAY = 0.5  # a simulated session start, create to connected
 BOLD, DIM, GREEN, RED, CYAN, RESET = (
     "\033[1m",
     "\033[2m",
@@ -152,29 +156,9 @@ class Demo:
         s("crash moves it.{reset}")
         s()
         for number in (1, 2, 3):
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}"
             name = f"instance-{number}"
-            proc = self.start(
-                [
-                    "proxy.simulator",
-                    "--port",
-                    str(port),
-                    "--name",
-                    name,
-                    "--api-key",
-                    API_KEY,
-                    "--connect-delay",
-                    "0.5",
-                    "--log",
-                    str(self.workdir / f"{name}.jsonl"),
-                ],
-                f"{name}.out",
-            )
-            _wait(url + "/health", proc)
-            self.names[url] = name
-            self.urls[name] = url
-            self.instance_procs[name] = proc
+            url = self._start_instance(name, _free_port())
+            proc = self.instance_procs[name]
             s(f"  started {{cyan}}{name}{{reset}} (simulated gateway) at {url}, pid {proc.pid}")
         proxy_port = _free_port()
         proxy_url = f"http://127.0.0.1:{proxy_port}"
@@ -187,6 +171,9 @@ class Demo:
                 "SESSION_PROXY_API_KEY": API_KEY,
                 "SESSION_PROXY_HEALTH_INTERVAL": f"{HEALTH_INTERVAL:g}",
                 "SESSION_PROXY_EJECT_BASE_SECONDS": f"{EJECT_BASE_SECONDS:g}",
+                # The instances share session state here (any one can start any session), so
+                # the proxy may restore a dead instance's sessions itself (step 6).
+                "SESSION_PROXY_RESTORE": "on",
                 "SESSION_PROXY_LOG_FORMAT": "text",
             },
         )
@@ -206,10 +193,7 @@ class Demo:
             self.app, self.fleet = app, fleet
             self._steps()
         s()
-        s(
-            "{green}{bold}Every message was delivered; the application never saw either "
-            "crash.{reset}"
-        )
+        s("{green}{bold}Every message was delivered; the application never saw a crash.{reset}")
         s(f"{{dim}}Logs kept in {self.workdir}{{reset}}")
         s(
             "{dim}(proxy.log: the proxy's own; "
@@ -333,14 +317,106 @@ class Demo:
         owners = self._send_round(lost2, owners)
         self.pause()
 
+        # --- 6. nothing else restores the sessions: the proxy does, and holds the send ---------
+        last = next(name for name in self.urls if name not in self.dead)
+        lost3 = [sid for sid in sessions if owners[sid] == last]
+        back = victim
+        s()
+        s(
+            f"{{bold}}6. {{red}}{last} crashes{{reset}}{{bold}} too, and this time nothing else "
+            f"brings its sessions back{{reset}}"
+        )
+        self._start_instance(back, int(self.urls[back].rsplit(":", 1)[1]))
+        self._wait_available(back)
+        s(f"   {back} was restarted empty a moment ago (its own start-up restore is off).")
+        s(f"   {last} holds {', '.join(short(sid) for sid in lost3)}; it is killed and the")
+        s("   application sends at once. The proxy restores the sessions itself (RESTORE=on:")
+        s("   the instances share session state) and holds the sends until they are back:")
+        self._kill(last)
+        for sid in lost3[:3]:
+            started = time.perf_counter()
+            r = self.app.post(
+                "/api/messages/send",
+                json={
+                    "session_id": sid,
+                    "workspace_id": WORKSPACE_ID,
+                    "recipient_phone": RECIPIENT,
+                    "message": "hello again",
+                    "type": "text",
+                    "api_key": API_KEY,
+                },
+            )
+            held = time.perf_counter() - started
+            if r.status_code != 200:
+                raise RuntimeError(f"send via {short(sid)} failed: {r.status_code} {r.text}")
+            owners[sid] = self.who(r)
+            if held >= 0.05:
+                s(
+                    f"   send via {short(sid)} -> {{green}}200{{reset}}, held {held:.1f} s while "
+                    f"the session restarted on {{cyan}}{owners[sid]}{{reset}}"
+                )
+            else:
+                s(
+                    f"   send via {short(sid)} -> {{green}}200{{reset}} at once: restored on "
+                    f"{{cyan}}{owners[sid]}{{reset}} alongside the one before"
+                )
+        restores = self._admin_restores()
+        if restores is not None:
+            s(
+                f"{{dim}}   the proxy restored {restores} sessions; a start takes "
+                f"{CONNECT_DELAY:g} s here, tens of seconds for real{{reset}}"
+            )
+        self.pause()
+
         listing = self.app.get("/api/sessions", params={"api_key": API_KEY}).json()
         unreachable = [self.name(str(f["instance"])) for f in listing["failed_instances"]]
         s()
         s(
-            f"{{bold}}6. GET /api/sessions{{reset}} merges every instance's list: "
+            f"{{bold}}7. GET /api/sessions{{reset}} merges every instance's list: "
             f"total {listing['total']}"
         )
         s(f"   unreachable: {', '.join(unreachable) or 'none'} (named in the answer, not hidden)")
+
+    def _admin_restores(self) -> int | None:
+        """How many sessions the proxy restored, from /readyz."""
+        restore = self.app.get("/readyz").json().get("restore")
+        if not isinstance(restore, dict):
+            return None
+        return int(restore.get("counts", {}).get("succeeded", 0))
+
+    def _wait_available(self, name: str) -> None:
+        """Until the proxy has let ``name`` back in (a passed check after its back-off)."""
+        deadline = time.monotonic() + EJECT_BASE_SECONDS * 4 + HEALTH_INTERVAL * 3
+        while time.monotonic() < deadline:
+            if self._state(name).get("healthy"):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the proxy did not let {name} back in")
+
+    def _start_instance(self, name: str, port: int) -> str:
+        url = f"http://127.0.0.1:{port}"
+        proc = self.start(
+            [
+                "proxy.simulator",
+                "--port",
+                str(port),
+                "--name",
+                name,
+                "--api-key",
+                API_KEY,
+                "--connect-delay",
+                f"{CONNECT_DELAY:g}",
+                "--log",
+                str(self.workdir / f"{name}.jsonl"),
+            ],
+            f"{name}.out",
+        )
+        _wait(url + "/health", proc)
+        self.names[url] = name
+        self.urls[name] = url
+        self.instance_procs[name] = proc
+        self.dead.discard(name)
+        return url
 
     def _kill(self, name: str) -> None:
         proc = self.instance_procs[name]
