@@ -211,12 +211,18 @@ def test_restores_are_bounded_per_instance_and_made_once_across_replicas(
         )
         starts = [e for sim in live for e in sim.events("session_started")]
         assert sorted(e["session_id"] for e in starts) == sorted(ids)  # each once
-        rows = dict(
-            (r[0], r[1])
-            for r in pg_database.fetch(
-                "SELECT session_id, assigned_instance_url FROM whatsapp_accounts"
+
+        def moved_rows() -> dict[str, str] | None:
+            rows = dict(
+                (r[0], r[1])
+                for r in pg_database.fetch(
+                    "SELECT session_id, assigned_instance_url FROM whatsapp_accounts"
+                )
             )
-        )
+            return None if dead.url in rows.values() else rows
+
+        # Written back in batches, a moment after the proxy saw each one connected.
+        rows = wait_for(moved_rows, 10, "every row written back")
         accounts = dict(
             (r[0], r[1]) for r in pg_database.fetch("SELECT session_id, id FROM whatsapp_accounts")
         )
