@@ -26,8 +26,9 @@ COPY proxy/ ./proxy/
 # x86_64/aarch64, so no compiler is needed; --prefer-binary keeps it that way. Byte-code is
 # compiled here, at install time, so the read-only final image never has to write .pyc files.
 # The import makes a broken package fail the build rather than the first container start.
-RUN /opt/venv/bin/pip install --no-cache-dir --prefer-binary . \
+RUN /opt/venv/bin/pip install --no-cache-dir --prefer-binary ".[tracing]" \
     && /opt/venv/bin/python -c "import proxy.cli, proxy.server, proxy.simulator" \
+    && /opt/venv/bin/python -c "import opentelemetry.sdk, opentelemetry.exporter.otlp" \
     && /opt/venv/bin/session-proxy --help >/dev/null
 
 # --- final: the interpreter from BASE, the venv, nothing else ---------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 
-from . import metrics
+from . import metrics, tracing
 from .attempts import Attempted, Attempts, OutgoingRequest, StreamedBody
 from .client import Timeouts, create_client
 from .config import Settings
@@ -45,8 +45,10 @@ from .forward import (
 )
 from .healing import DuplicateSettler
 from .health import HealthChecker
+from .idempotency import Claim, Idempotency, Replay, digest_of
 from .instances import Instance, InstanceSet
 from .observe import new_request_id
+from .pacing import Pacer
 from .reconcile import Reconciler
 from .restore import Restorer
 from .sessions import Kind, Role, SessionRouter, Target
@@ -69,6 +71,8 @@ ALREADY_DISCONNECTED = (
     b'"alreadyDisconnected":true}'
 )
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+# An Idempotency-Key matters where a repeat would act twice (Stripe's rule: not GET, PUT, DELETE).
+_KEYED_METHODS = frozenset({"POST", "PATCH"})
 # A JSON body larger than this is scanned for its session id in a thread, not parsed inline.
 _BODY_PARSED_INLINE = 64 * 1024
 
@@ -125,6 +129,8 @@ class ProxyApp:
             self.restorer.sessions_lost,
         )
         self.sessions = SessionRouter(settings)
+        self.pacing = Pacer(settings)
+        self.idempotency = Idempotency(settings, self.store)
         self.dns = (
             DnsWatcher(settings, self.instances, self.health, resolver)
             if settings.instances_dns
@@ -151,7 +157,11 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not is_own(scope["path"]):
-            await self.proxy(scope, receive, send)
+            if tracing.TRACER is None:
+                await self.proxy(scope, receive, send)
+            else:
+                with tracing.request_span(scope["method"], scope["path"], scope["headers"]):
+                    await self.proxy(scope, receive, send)
         else:
             await self.endpoints(scope, receive, send)
 
@@ -164,6 +174,8 @@ class ProxyApp:
             await self.stop()
 
     async def start(self) -> None:
+        if tracing.TRACER is None and tracing.configure():
+            log.info("tracing on: spans exported as the OTEL_* variables say")
         if self.dns is not None:
             await self.dns.refresh()
             self.tasks.start("dns", self.dns.run)
@@ -178,11 +190,14 @@ class ProxyApp:
                     self.instances.resolve(stored)
             if self.settings.reconcile_interval > 0:
                 self.tasks.start("reconcile", self.reconciler.run)
+            self.tasks.start("idempotency-sweep", self.idempotency.sweep_forever)
 
     async def stop(self) -> None:
         self.endpoints.shutting_down = True
         await self.tasks.close()
         await self.drainer.close()
+        await self.pacing.close()
+        await self.idempotency.close()
         await self.attempts.holds.close()
         if self.store is not None:
             await self.store.close()
@@ -227,6 +242,7 @@ class ProxyApp:
         attempts = 0
         failed_instance: str | None = None
         outcome = "proxied"
+        claim: Claim | None = None
         self.in_flight += 1
         self._per_client[peer] = self._per_client.get(peer, 0) + 1
         try:
@@ -246,6 +262,16 @@ class ProxyApp:
                 status = await self._list(scope, send, request_id)
                 return
             request = self._outgoing(scope, seen, method, path, body, request_id)
+            key = seen.idempotency_key
+            if key is not None and method in _KEYED_METHODS and isinstance(body, bytes):
+                # (A body too large to buffer streams once and is not deduplicated.)
+                digest = digest_of(method, request.target, body)
+                begun = await self.idempotency.begin(session_id, key, digest)
+                if isinstance(begun, Replay):
+                    status, outcome = begun.status, "idempotent_replay"
+                    await _send_replay(send, begun, request_id)
+                    return
+                claim = begun
             if target.role is Role.DELETES:
                 assert session_id is not None
                 answer = await self._delete(session_id, request)
@@ -257,6 +283,8 @@ class ProxyApp:
                     await _send_json_bytes(send, 200, ALREADY_DISCONNECTED, request_id)
                     return
             else:
+                if session_id is not None and self.pacing.enabled:
+                    await self.pacing.wait(method, scope["path"], session_id, body)
                 answer = await self._dispatch(target, session_id, request)
             response = answer.response
             try:
@@ -271,12 +299,22 @@ class ProxyApp:
                 response, answer.instance.url, request_id.encode("latin-1"), answer.attempts
             )
             status = response.status
+            if claim is not None:
+                # Kept before it is relayed: a repeat gets it even if this client goes away.
+                await self.idempotency.finish(claim, status, headers, content)
+                claim = None
             responding = True
             await relay(send, response, headers, content)
         except ProxyError as error:
             status, code, attempts, outcome = error.status, error.code, error.attempts, "error"
             failed_instance = error.instance
             metrics.ERRORS.labels(code).inc()
+            if claim is not None:
+                if error.maybe_sent:
+                    await self.idempotency.ambiguous(claim, error, error_body(error, request_id))
+                else:
+                    await self.idempotency.release(claim)  # never carried out
+                claim = None
             if not responding:
                 await self._send_error(send, error, request_id, error.attempts)
             elif abort_started_answer(scope):
@@ -303,6 +341,10 @@ class ProxyApp:
             status, code, outcome = failure.status, failure.code, "error"
             metrics.ERRORS.labels(code).inc()
             log.exception("failed to handle a request", extra={"request_id": request_id})
+            if claim is not None:
+                # Whether it reached an instance is unknown: repeats must not send it again.
+                await self.idempotency.ambiguous(claim, failure, error_body(failure, request_id))
+                claim = None
             await self._send_error(send, failure, request_id, 0)
         finally:
             self.in_flight -= 1
@@ -313,6 +355,15 @@ class ProxyApp:
                 del self._per_client[peer]
             elapsed = time.perf_counter() - started
             metrics.count_request(outcome, status, elapsed)
+            if tracing.TRACER is not None:
+                tracing.describe_request(
+                    session_id,
+                    status,
+                    outcome,
+                    answer.instance.url if answer else failed_instance,
+                    answer.attempts if answer else attempts,
+                    code,
+                )
             if self._log_requests:
                 access_log.info(
                     "request",
@@ -392,7 +443,6 @@ class ProxyApp:
             body=body,
             headers_for=headers_for,
             timeouts=Timeouts(self.settings.connect_timeout, self.settings.timeout_for(path)),
-            idempotency_key=seen.idempotency_key,
         )
 
     async def _read_body(
@@ -505,6 +555,14 @@ async def _rest_of_body(
             return
 
 
+async def _send_replay(send: Send, replay: Replay, request_id: str) -> None:
+    headers = [(n, v) for n, v in replay.headers if n not in (b"content-length", b"x-request-id")]
+    headers.append((b"content-length", str(len(replay.body)).encode()))
+    headers.append((b"x-request-id", request_id.encode("latin-1")))
+    await send({"type": "http.response.start", "status": replay.status, "headers": headers})
+    await send({"type": "http.response.body", "body": replay.body})
+
+
 async def _send_json_bytes(send: Send, status: int, body: bytes, request_id: str) -> None:
     headers = [
         (b"content-type", b"application/json"),
@@ -525,7 +583,7 @@ class _Seen:
         self.request_id: str | None = None
         self.content_length: str | None = None
         self.chunked = False
-        self.idempotency_key = False
+        self.idempotency_key: str | None = None
 
 
 def _scan_headers(headers: list[tuple[bytes, bytes]]) -> _Seen:
@@ -540,7 +598,7 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]) -> _Seen:
         elif name == b"transfer-encoding":
             seen.chunked = True
         elif name == b"idempotency-key":
-            seen.idempotency_key = True
+            seen.idempotency_key = value.decode("latin-1")
     seen.header_bytes = size
     return seen
 

@@ -4,7 +4,7 @@
 - the instance's own 404 "Session not found" (it refused the request): rediscover, replay, any
   method;
 - reset, empty reply, read timeout or garbage after the request was sent: replay only idempotent
-  methods or requests carrying an ``Idempotency-Key`` header;
+  methods (an ``Idempotency-Key`` makes a POST happen at most once: ``idempotency.py``);
 - a streamed body (larger than the replay buffer) once its first byte left: never.
 
 Attempts and the total time are bounded; when the proxy gives up it says which case it was.
@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
-from . import metrics
+from . import metrics, tracing
 from .client import Timeouts, UpstreamClient, UpstreamResponse
 from .config import Settings
 from .discovery import Discovery
@@ -100,12 +100,13 @@ class OutgoingRequest:
     body: bytes | StreamedBody
     headers_for: Callable[[Instance], list[tuple[bytes, bytes]]]
     timeouts: Timeouts
-    idempotency_key: bool = False
 
     @property
     def safe_to_repeat(self) -> bool:
-        """May this be sent again after the instance may already have acted on it?"""
-        return self.method in IDEMPOTENT_METHODS or self.idempotency_key
+        """May this be sent again after the instance may already have acted on it? Only an
+        idempotent method: an Idempotency-Key makes a POST happen at most once
+        (``idempotency.py``), never twice."""
+        return self.method in IDEMPOTENT_METHODS
 
     @property
     def held_size(self) -> int:
@@ -206,7 +207,8 @@ class Attempts:
         reset a connection may still hold the session, and its own status answer decides."""
         self.rediscoveries += 1
         try:
-            instance = await self._rediscover(session_id, failed, error)
+            with tracing.span("rediscovery", session_id=session_id, reason=error.code):
+                instance = await self._rediscover(session_id, failed, error)
         except SessionNotFound:
             metrics.REDISCOVERIES.labels("not_found").inc()
             raise
@@ -610,14 +612,17 @@ class Attempts:
             timeouts = timeouts.within(deadline - time.monotonic())
         started = time.perf_counter()
         try:
-            response = await self.client.send(
-                request.method,
-                instance.url,
-                request.target,
-                request.headers_for(instance),
-                request.body,
-                timeouts,
-            )
+            if tracing.TRACER is None:
+                response = await self.client.send(
+                    request.method,
+                    instance.url,
+                    request.target,
+                    request.headers_for(instance),
+                    request.body,
+                    timeouts,
+                )
+            else:
+                response = await self._traced_send(instance, request, attempts, timeouts)
             instance.upstream_seconds.observe(time.perf_counter() - started)
         except Overloaded:
             raise  # the proxy's own connection cap for that instance: not the instance's fault
@@ -640,6 +645,26 @@ class Attempts:
                 return Attempted(response, body, instance, attempts, not_connected=True)
         return Attempted(response, body, instance, attempts)
 
+    async def _traced_send(
+        self, instance: Instance, request: OutgoingRequest, attempt: int, timeouts: Timeouts
+    ) -> UpstreamResponse:
+        """The send under its attempt span; the instance gets that span as its parent."""
+        with tracing.attempt_span(instance.url, attempt) as current:
+            try:
+                response = await self.client.send(
+                    request.method,
+                    instance.url,
+                    request.target,
+                    tracing.with_traceparent(request.headers_for(instance)),
+                    request.body,
+                    timeouts,
+                )
+            except ProxyError as error:
+                tracing.record_error(current, error)
+                raise
+            current.set_attribute("http.response.status_code", response.status)
+            return response
+
     def _check_replay(
         self, request: OutgoingRequest, error: ProxyError, attempts: int, deadline: float
     ) -> None:
@@ -652,10 +677,12 @@ class Attempts:
         if not never_reached and not request.safe_to_repeat:
             raise error
         if attempts >= self.settings.max_attempts or time.monotonic() >= deadline:
-            raise ReplayExhausted(
+            exhausted = ReplayExhausted(
                 f"gave up after {attempts} attempts; the last failed with {error.code}: "
                 f"{error.detail}"
             )
+            exhausted.maybe_sent = error.maybe_sent
+            raise exhausted
         metrics.REPLAYS.labels(error.code).inc()
 
     def pick_any(self, tried: set[str]) -> Instance:

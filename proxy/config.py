@@ -191,6 +191,27 @@ def _template(name: str, value: str) -> str:
     return routes[0]
 
 
+_PER = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+}
+
+
+def _rate(name: str, value: str) -> float:
+    """``20/min`` (also ``/s``, ``/h``, or a bare number per second): sends per second; 0 off."""
+    count, sep, unit = value.strip().partition("/")
+    per = _PER.get(unit.strip().lower()) if sep else 1.0
+    if per is None:
+        raise _bad(name, value, "must be N/s, N/min or N/h (or 0: off)")
+    return _float(name, count.strip(), 0.0) / per
+
+
 def _switch(name: str, value: str) -> bool:
     return _choice(name, value, ("on", "off", "true", "false", "1", "0")) in ("on", "true", "1")
 
@@ -322,6 +343,24 @@ class Settings:
     restore_attempts: int = _setting(2, _count(1))  # instances tried per session, then reported
     restore_connect_timeout: float = _setting(60.0, _seconds(0.1))  # create to `connected`
     restore_poll_interval: float = _setting(0.025, _seconds(0.01))  # a starting session, asked
+    # Exactly once: a request with an Idempotency-Key is carried out at most once per key and
+    # session; repeats get the stored answer (Postgres, else Redis, else memory).
+    idempotency_ttl: float = _setting(86400.0, _seconds(1.0))
+    idempotency_max_body: int = _setting(1024 * 1024, _size)  # answers kept whole up to this
+    idempotency_wait: float = _setting(25.0, _seconds(0.0))  # a repeat waits for the first
+    # Pacing: sends per session beyond SEND_RATE (after a burst of SEND_BURST) wait in order.
+    send_rate: float = _setting(0.0, _rate)  # "20/min"; 0: off
+    send_burst: int = _setting(1, _count(1))
+    send_routes: tuple[str, ...] = _setting(
+        (
+            "POST /api/messages/send",
+            "POST /api/messages/send-media",
+            "POST /api/messages/bulk-send",  # one message per recipient
+        ),
+        _routes,
+    )
+    send_queue_max: int = _setting(100, _count(1))  # sends waiting per session, then 429
+    send_max_wait: float = _setting(20.0, _seconds(0.0))  # the longest a send waits, then 429
     # Moving sessions off an instance (drain) or between instances (rebalance).
     drain_concurrency: int = _setting(4, _count(1))  # sessions moved at a time
     drain_in_flight_wait: float = _setting(60.0, _seconds(0.0))  # for a session's requests

@@ -11,6 +11,8 @@ class ProxyError(Exception):
     status: int = 502
     code: str = "proxy-error"
     message: str = "the proxy could not complete the request"
+    # The request reached an instance, which may have carried it out (no answer says whether).
+    maybe_sent: bool = False
 
     def __init__(self, detail: str | None = None, *, retry_after: int | None = None) -> None:
         self.detail = detail or self.message
@@ -75,6 +77,20 @@ class Overloaded(ProxyError):
     message = "too many requests in flight"
 
 
+class RateLimited(ProxyError):
+    """The session's send budget (SEND_RATE) is spent and its queue is full or too long."""
+
+    status, code = 429, "rate-limited"
+    message = "too many sends for this session; retry after the Retry-After seconds"
+
+
+class IdempotencyMismatch(ProxyError):
+    """The Idempotency-Key was used before for a different request."""
+
+    status, code = 422, "idempotency-key-mismatch"
+    message = "this Idempotency-Key was used for a different request (another body or route)"
+
+
 # --- the fleet cannot serve it -------------------------------------------------------------------
 
 
@@ -118,6 +134,7 @@ class UpstreamAmbiguous(ProxyError):
     """The request was sent, then the connection died: the instance may have acted on it."""
 
     status, code = 502, "upstream-ambiguous"
+    maybe_sent = True
     message = (
         "the instance received the request and closed the connection without answering; "
         "it may or may not have been carried out"
@@ -128,6 +145,7 @@ class UpstreamTimeout(ProxyError):
     """The request was sent and no answer came in time: as ambiguous as a reset."""
 
     status, code = 504, "upstream-timeout"
+    maybe_sent = True
     message = (
         "the instance did not answer in time; the request may or may not have been carried out"
     )
@@ -135,6 +153,7 @@ class UpstreamTimeout(ProxyError):
 
 class UpstreamBadResponse(ProxyError):
     status, code = 502, "upstream-bad-response"
+    maybe_sent = True  # it answered, with garbage: it may have acted first
     message = "the instance answered with something that is not valid HTTP"
 
 

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from . import metrics
+from . import metrics, tracing
 from .config import Settings
 from .errors import ProxyError, SessionRestoring
 from .instances import Instance
@@ -84,8 +84,9 @@ class Holds:
         started = time.monotonic()
         try:
             try:
-                async with asyncio.timeout(self._timeout):
-                    owner = await asyncio.shield(waiter)
+                with tracing.span("hold", session_id=session_id):
+                    async with asyncio.timeout(self._timeout):
+                        owner = await asyncio.shield(waiter)
             except TimeoutError:
                 if not (waiter.done() and not waiter.cancelled()):
                     self._expire(session_id)

@@ -142,6 +142,27 @@ MOVES = Counter(
     "Sessions moved off an instance by a drain or a rebalance, by result (moved, failed)",
     ["result"],
 )
+IDEMPOTENCY = Counter(
+    f"{PREFIX}_idempotency",
+    "Requests with an Idempotency-Key, by what happened (first, replayed, waited, mismatch, "
+    "stored_ambiguous, released)",
+    ["result"],
+)
+PACED = Counter(
+    f"{PREFIX}_paced_sends",
+    "Sends under SEND_RATE, by what happened (immediate, waited, refused)",
+    ["result"],
+)
+PACE_WAIT_SECONDS = Histogram(
+    f"{PREFIX}_pace_wait_seconds",
+    "How long a paced send waited for its session's budget",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60),
+)
+PACE_QUEUED = Gauge(
+    f"{PREFIX}_paced_sends_waiting",
+    "Sends waiting for their session's budget now",
+    multiprocess_mode="livesum",
+)
 CACHE_FALLBACKS = Counter(
     f"{PREFIX}_cache_fallbacks", "Shared-table (Redis) failures answered from the local table"
 )

@@ -1,5 +1,6 @@
-"""The SQL the proxy installs: the NOTIFY trigger on the accounts table and, for standalone use
-(``session-proxy migrate --create-table``), a minimal table.
+"""The SQL the proxy installs: the NOTIFY trigger on the accounts table, the idempotency table
+(the proxy's own), and, for standalone use (``session-proxy migrate --create-table``), a minimal
+accounts table.
 
 Only text lives here: ``store.Store.migrate`` runs it (the store stays the only asyncpg user).
 ``CHANNEL`` is the trigger's NOTIFY channel, the one ``store`` listens on.
@@ -10,6 +11,7 @@ from __future__ import annotations
 from .config import Settings
 
 CHANNEL = "session_proxy_owner"
+IDEMPOTENCY_TABLE = "session_proxy_idempotency"
 
 
 def quote_ident(name: str) -> str:
@@ -66,6 +68,32 @@ def migration_sql(settings: Settings, create_table: bool) -> list[tuple[str, str
                   RETURN NEW;
                 END
                 $body$""",
+        )
+    )
+    statements.append(
+        (
+            f"table {IDEMPOTENCY_TABLE}",
+            # One row per (session, Idempotency-Key), hashed: the request's digest, its state
+            # (in_flight under a lease, done, ambiguous) and the answer to give every repeat.
+            f"""CREATE TABLE IF NOT EXISTS {IDEMPOTENCY_TABLE} (
+                key text PRIMARY KEY,
+                digest text NOT NULL,
+                state text NOT NULL,
+                token text NOT NULL,
+                status integer NOT NULL DEFAULT 0,
+                headers jsonb NOT NULL DEFAULT '[]',
+                body bytea NOT NULL DEFAULT '',
+                body_omitted boolean NOT NULL DEFAULT false,
+                lease_until timestamptz NOT NULL,
+                expires_at timestamptz NOT NULL
+            )""",
+        )
+    )
+    statements.append(
+        (
+            f"index {IDEMPOTENCY_TABLE}_expires_at",
+            f"CREATE INDEX IF NOT EXISTS {IDEMPOTENCY_TABLE}_expires_at "
+            f"ON {IDEMPOTENCY_TABLE} (expires_at)",
         )
     )
     statements.append(("drop old trigger", f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))

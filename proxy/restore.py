@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
+from . import metrics, tracing
 from .attempts import Attempts
 from .config import Settings
 from .errors import ProxyError
@@ -229,6 +229,12 @@ class Restorer:
         self._failed_until.pop(session_id, None)
         attempts.starting.add(session_id)
         started = time.monotonic()
+        with tracing.span("restore", session_id=session_id, lost_on=item.lost_on):
+            await self._restore_traced(item, started)
+
+    async def _restore_traced(self, item: _Lost, started: float) -> None:
+        session_id = item.session_id
+        attempts = self._attempts
         try:
             back = await self._running_somewhere(session_id)
             if back is not None:

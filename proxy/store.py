@@ -27,9 +27,9 @@ from typing import Any
 
 import asyncpg
 
-from . import metrics
+from . import metrics, tracing
 from .config import Settings
-from .migrations import CHANNEL, migration_sql, quote_ident
+from .migrations import CHANNEL, IDEMPOTENCY_TABLE, migration_sql, quote_ident
 from .tasks import Supervisor
 
 log = logging.getLogger("session_proxy.store")
@@ -39,6 +39,10 @@ LOOKUP_TIMEOUT = 1.0
 STATEMENT_TIMEOUT = 30.0
 
 Invalidate = Callable[[str | None], Awaitable[None]]  # a session id, or None for "everything"
+
+
+async def _nothing_to_reset(_conn: Any) -> None:
+    pass
 
 
 class StoreUnavailable(Exception):
@@ -74,6 +78,7 @@ class QueryCounts:
     write: int = 0
     reconcile: int = 0
     background: int = 0
+    idempotency: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -112,6 +117,10 @@ class Store:
             max_size=self.settings.database_pool_size,
             command_timeout=STATEMENT_TIMEOUT,
             max_inactive_connection_lifetime=60.0,
+            # asyncpg still rolls back an open transaction; the rest of its reset (advisory
+            # unlocks, UNLISTEN, RESET ALL: a round trip per release) undoes nothing this store
+            # leaves behind: ``leader`` unlocks, or drops a connection it could not unlock.
+            reset=_nothing_to_reset,
         )
         with contextlib.suppress(StoreUnavailable):
             await self.check()
@@ -154,8 +163,9 @@ class Store:
         if self._pool is None:
             raise StoreUnavailable("the store is not open")
         try:
-            async with self._pool.acquire(timeout=wait) as conn:
-                yield conn
+            with tracing.span("database"):
+                async with self._pool.acquire(timeout=wait) as conn:
+                    yield conn
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             self._mark(False, exc)
             raise StoreUnavailable(str(exc)) from exc
@@ -353,6 +363,89 @@ class Store:
             )
         return [r[0] for r in rows]
 
+    # --- the idempotency table ------------------------------------------------------------------
+
+    async def idempotency_claim(
+        self, key: str, digest: str, token: str, lease: float, ttl: float
+    ) -> Any:
+        """Claim ``key`` for a first request (a row in_flight), or return the row that holds it:
+        None when claimed. An expired row is taken over."""
+        async with self._connection(wait=LOOKUP_TIMEOUT) as conn:
+            self._count("idempotency")
+            claimed = await conn.fetchval(
+                f"""INSERT INTO {IDEMPOTENCY_TABLE} AS t
+                       (key, digest, state, token, lease_until, expires_at)
+                    VALUES ($1, $2, 'in_flight', $3, now() + make_interval(secs => $4),
+                            now() + make_interval(secs => $5))
+                    ON CONFLICT (key) DO UPDATE SET digest = EXCLUDED.digest,
+                       state = 'in_flight', token = EXCLUDED.token, status = 0,
+                       headers = '[]', body = '', body_omitted = false,
+                       lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at
+                    WHERE t.expires_at < now()
+                    RETURNING 1""",
+                key,
+                digest,
+                token,
+                lease,
+                ttl,
+            )
+            if claimed:
+                return None
+            return await conn.fetchrow(
+                f"SELECT digest, state, token, status, headers, body, body_omitted, "
+                f"extract(epoch FROM lease_until) AS lease_until FROM {IDEMPOTENCY_TABLE} "
+                "WHERE key = $1",
+                key,
+            )
+
+    async def idempotency_finish(
+        self,
+        key: str,
+        token: str,
+        state: str,
+        status: int,
+        headers: str,
+        body: bytes,
+        body_omitted: bool,
+        ttl: float,
+    ) -> None:
+        async with self._connection() as conn:
+            self._count("idempotency")
+            await conn.execute(
+                f"UPDATE {IDEMPOTENCY_TABLE} SET state = $3, status = $4, headers = $5::jsonb, "
+                "body = $6, body_omitted = $7, expires_at = now() + make_interval(secs => $8) "
+                "WHERE key = $1 AND token = $2",
+                key,
+                token,
+                state,
+                status,
+                headers,
+                body,
+                body_omitted,
+                ttl,
+            )
+
+    async def idempotency_release(self, key: str, token: str) -> None:
+        async with self._connection() as conn:
+            self._count("idempotency")
+            await conn.execute(
+                f"DELETE FROM {IDEMPOTENCY_TABLE} WHERE key = $1 AND token = $2 "
+                "AND state = 'in_flight'",
+                key,
+                token,
+            )
+
+    async def idempotency_sweep(self, limit: int = 10_000) -> int:
+        """Delete expired rows, at most ``limit`` per call."""
+        async with self._connection() as conn:
+            self._count("background")
+            status = await conn.execute(
+                f"DELETE FROM {IDEMPOTENCY_TABLE} WHERE key IN (SELECT key FROM "
+                f"{IDEMPOTENCY_TABLE} WHERE expires_at < now() LIMIT $1)",
+                limit,
+            )
+        return int(status.split()[-1])
+
     # --- restores and moves ----------------------------------------------------------------------
 
     def _create_columns(self) -> str:
@@ -401,9 +494,15 @@ class Store:
                 yield bool(got)
             finally:
                 if got:
-                    with contextlib.suppress(Exception):
+                    try:
                         self._count("reconcile")
                         await conn.fetchval("SELECT pg_advisory_unlock(hashtext($1))", key)
+                    except Exception:
+                        # Never back into the pool holding the lock (its reset does not unlock).
+                        conn.terminate()
+                    except BaseException:  # cancelled meanwhile: the same, then go on
+                        conn.terminate()
+                        raise
 
     @property
     def _lock_key(self) -> str:

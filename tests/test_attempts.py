@@ -197,9 +197,9 @@ def test_a_post_cut_off_after_it_was_sent_is_never_replayed() -> None:
     assert fleet.sent("POST", SEND) == [A]  # never sent twice
 
 
-def test_with_an_idempotency_key_a_cut_off_post_is_replayed() -> None:
-    """Today's rule (README: send a key only when a duplicate is harmless); the idempotency
-    store of issue 14 replaces it with at-most-once."""
+def test_with_an_idempotency_key_a_cut_off_post_is_not_replayed_either() -> None:
+    """A key makes a POST happen at most once (the idempotency store), never twice: cut off
+    after it was sent, it is answered ambiguous, and nothing is sent again."""
     fleet = Fleet()
 
     def reset_and_move(request: httpx.Request) -> httpx.Response:
@@ -214,8 +214,9 @@ def test_with_an_idempotency_key_a_cut_off_post_is_replayed() -> None:
         json=BODY,
         headers={"idempotency-key": "job-1"},
     )
-    assert answer.status_code == 200
-    assert fleet.sent("POST", SEND) == [A, B]
+    assert answer.status_code == 502
+    assert answer.headers["x-proxy-error"] == "upstream-ambiguous"
+    assert fleet.sent("POST", SEND) == [A]
 
 
 def test_a_get_cut_off_after_it_was_sent_is_replayed() -> None:

@@ -1,8 +1,10 @@
 """Chaos: a bounded run at a steady rate while instances are killed, restarted and sessions move.
 
-Requests of the replayable kinds (GETs, sends with an Idempotency-Key) must never fail; a send
-without a key may fail, but only with an X-Proxy-Error code, and no message is ever delivered
-twice. The test prints its counts.
+GETs must never fail. A send may fail, but only with an X-Proxy-Error code saying it may or may
+not have gone out; no message is ever delivered twice. Sends with an Idempotency-Key are retried
+by the client (as a Laravel job would be) with the same key after any failure: still never
+delivered twice, and the ones whose first attempt was cut off stay ambiguous (counted). The test
+prints its counts.
 
 SESSION_PROXY_TEST_CHAOS_SECONDS sets the length of the traffic: 18 s by default, four kill and
 restart cycles (what the assertions check holds per request, whatever the length).
@@ -38,6 +40,7 @@ class Tally:
     ids_by_kind: dict[str, list[str]] = field(default_factory=dict)
     kills: int = 0
     moves: int = 0
+    retries: int = 0  # keyed sends sent again by the client under the same key
 
 
 def test_chaos_run_loses_no_replayable_request_and_sends_nothing_twice(tmp_path: Path) -> None:
@@ -69,16 +72,16 @@ def test_chaos_run_loses_no_replayable_request_and_sends_nothing_twice(tmp_path:
         f"\nchaos: {sum(tally.sent.values())} requests in {DURATION:.0f} s "
         f"({dict(tally.sent)}), {tally.kills} kills, {tally.moves} session moves; "
         f"ok {dict(tally.ok)}; failed {dict(failures_by_kind)} with codes {dict(codes)}; "
-        f"replayed {tally.replayed}; plain sends delivered twice: {len(duplicated_plain)}; "
-        f"keyed sends delivered twice (allowed, the key says so): {len(duplicated_keyed)}"
+        f"replayed {tally.replayed}; client retries under the same key {tally.retries}; "
+        f"keyed sends left ambiguous {failures_by_kind['send+key']}; delivered twice: plain "
+        f"{len(duplicated_plain)}, keyed {len(duplicated_keyed)}"
     )
     # A cycle is the pause, the kill, a third of a pause and the restart.
     assert tally.kills >= DURATION / (CHAOS_EVERY * 1.5) - 1
     assert failures_by_kind["status"] == 0
-    assert failures_by_kind["send+key"] == 0
     assert all(code for _, _, code in tally.failed), "a failure without X-Proxy-Error"
     assert set(codes) <= {"upstream-ambiguous", "upstream-timeout"}
-    assert duplicated_plain == []
+    assert duplicated_plain == [] and duplicated_keyed == []
     assert tally.replayed > 0
 
 
@@ -116,10 +119,16 @@ async def _one(client: httpx.AsyncClient, kind: str, sid: str, n: int, tally: Ta
             f"/api/sessions/{sid}/status", params={"api_key": API_KEY}, headers=headers
         )
     else:
+        body = {"session_id": sid, "api_key": API_KEY, "recipient_phone": "628100", "message": rid}
         if kind == "send+key":
             headers["idempotency-key"] = rid
-        body = {"session_id": sid, "api_key": API_KEY, "recipient_phone": "628100", "message": rid}
         r = await client.post("/api/messages/send", json=body, headers=headers)
+        for _ in range(3 if kind == "send+key" else 0):
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.5)  # the job's retry, under the same key
+            tally.retries += 1
+            r = await client.post("/api/messages/send", json=body, headers=headers)
     if r.status_code == 200:
         tally.ok[kind] += 1
     else:

@@ -2,8 +2,8 @@
 
 The rule under test (DESIGN.md's replay table): a request that never reached an instance, or that
 the instance refused with "Session not found", is replayed for any method; a request that was sent
-before the connection died is replayed only when it is idempotent or carries an Idempotency-Key,
-so a message is never sent twice.
+before the connection died is replayed only when its method is idempotent (an Idempotency-Key
+makes a send happen at most once, not twice), so a message is never sent twice.
 """
 
 from __future__ import annotations
@@ -129,7 +129,12 @@ def test_a_send_the_instance_received_before_dying_is_not_replayed(quiet_fleet: 
     assert not [e for e in holder.requests() if e.get("request_id") == "ambiguous-1"]
 
 
-def test_the_same_send_with_an_idempotency_key_is_replayed(quiet_fleet: Fleet) -> None:
+def test_a_keyed_send_cut_off_is_answered_ambiguous_and_never_sent_twice(
+    quiet_fleet: Fleet,
+) -> None:
+    """The instance dies under the send: it may have sent it. With an Idempotency-Key the
+    answer is stored: the client's retry under the same key gets the same 502, not a second
+    message, though a live instance holds the session now."""
     fleet = quiet_fleet
     dying, holder = fleet.instances[1], fleet.instances[2]
     sid = _sessions_of(fleet, dying)[0]
@@ -137,15 +142,15 @@ def test_the_same_send_with_an_idempotency_key_is_replayed(quiet_fleet: Fleet) -
         assert _send(client, sid, "warm").status_code == 200
         holder.add_session(sid)
         dying.set_faults(die_on_send=True)
-        r = _send(
-            client, sid, "keyed", **{"x-request-id": "keyed-1", "idempotency-key": "order-42"}
-        )
-    assert r.status_code == 200, r.text
-    assert r.headers["x-proxy-instance"] == holder.url
-    assert r.headers["x-proxy-attempts"] == "2"
-    assert _delivered(fleet, "keyed-1") == [holder.name]
-    sent = next(e for e in holder.events("sent") if e.get("request_id") == "keyed-1")
-    assert sent["idempotency_key"] == "order-42"
+        keyed = {"x-request-id": "keyed-1", "idempotency-key": "order-42"}
+        first = _send(client, sid, "keyed", **keyed)
+        retry = _send(client, sid, "keyed", **{**keyed, "x-request-id": "keyed-2"})
+    assert first.status_code == 502 and first.headers["x-proxy-error"] == "upstream-ambiguous"
+    assert retry.status_code == 502 and retry.headers["x-proxy-error"] == "upstream-ambiguous"
+    assert retry.headers["x-proxy-idempotent-replay"] == "true"
+    assert retry.json() == first.json()
+    assert _delivered(fleet, "keyed-1") == [] and _delivered(fleet, "keyed-2") == []
+    assert not [e for e in holder.requests() if str(e.get("request_id")).startswith("keyed-")]
 
 
 @pytest.fixture
