@@ -62,14 +62,17 @@ def test_soak_memory_fds_and_tasks_stay_flat(tmp_path: Path) -> None:
     assert report["fds_end"] <= report["fds_warm"] + 8
     assert report["tasks_end"] <= report["tasks_warm"]
     failed = {k: v for k, v in report["outcomes"].items() if k != 200}
-    assert not failed, failed
+    allowed = {"send 502 upstream-ambiguous", "send 504 upstream-timeout"}
+    # (How many a kill cuts off depends on the machine's load; tests/test_restore_chaos.py ties
+    # each one to its kill.)
+    assert set(failed) <= allowed, failed
 
 
 async def _soak(fleet: Fleet) -> dict[str, Any]:
     rng = random.Random(3)
     owners = {sid: {sim} for sid, sim in fleet.sessions.items()}
     sessions = sorted(owners)
-    outcomes: Counter[int] = Counter()
+    outcomes: Counter[int | str] = Counter()
     auth = {"authorization": f"Bearer {TOKEN}"}
     pid = fleet.proxy.proc.pid
     state = {"kills": 0}
@@ -94,7 +97,13 @@ async def _soak(fleet: Fleet) -> dict[str, Any]:
                     },
                     headers={"idempotency-key": f"soak-{n}"},
                 )
-            outcomes[r.status_code] += 1
+            if r.status_code == 200:
+                outcomes[200] += 1
+            else:
+                # Which kind failed and how: only a send cut off by a kill may (it may or may
+                # not have gone out; its Idempotency-Key makes the answer stick, not a replay).
+                kind = "status" if n % 2 else "send"
+                outcomes[f"{kind} {r.status_code} {r.headers.get('x-proxy-error')}"] += 1
 
         async def chaos(stop_at: float) -> None:
             while time.monotonic() + KILL_EVERY < stop_at:
