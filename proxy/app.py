@@ -34,6 +34,7 @@ from .errors import (
     NoHealthyInstance,
     Overloaded,
     ProxyError,
+    all_codes,
 )
 from .forward import (
     abort_started_answer,
@@ -136,6 +137,7 @@ class ProxyApp:
             if settings.instances_dns
             else None
         )
+        metrics.known_codes(all_codes())  # (idempotency.py's own code is a subclass too)
         self.in_flight = 0
         self._per_client: dict[str, int] = {}
         self._log_requests = access_log.isEnabledFor(logging.INFO)

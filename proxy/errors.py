@@ -170,3 +170,14 @@ class InternalError(ProxyError):
 
     status, code = 500, "internal-error"
     message = "the proxy failed while handling the request"
+
+
+def all_codes() -> set[str]:
+    """Every ``X-Proxy-Error`` code the proxy can answer with."""
+    codes: set[str] = set()
+    pending: list[type[ProxyError]] = [ProxyError]
+    while pending:
+        kind = pending.pop()
+        codes.add(kind.code)
+        pending.extend(kind.__subclasses__())
+    return codes

@@ -80,6 +80,7 @@ class HealthChecker:
         instance.last_check_at = now
         if sessions is not None:
             instance.sessions = sessions
+            metrics.INSTANCE_SESSIONS.labels(instance.url).set(sessions)
         if not ok:
             instance.last_error = error
             if instance.healthy:

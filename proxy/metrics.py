@@ -9,6 +9,7 @@ they combine across processes.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -166,6 +167,43 @@ PACE_QUEUED = Gauge(
 CACHE_FALLBACKS = Counter(
     f"{PREFIX}_cache_fallbacks", "Shared-table (Redis) failures answered from the local table"
 )
+
+
+INSTANCE_SESSIONS = Gauge(
+    f"{PREFIX}_instance_sessions",
+    "Sessions each instance reports holding (its /health), plus placements since",
+    ["instance"],
+    multiprocess_mode="max",
+)
+
+# A labelled series exists only from its first event, so rate() and increase() would never count
+# that event: every label value known in advance is created at 0 now.
+_KNOWN_LABELS: tuple[tuple[Any, tuple[str, ...]], ...] = (
+    (REDISCOVERIES, ("found", "not_found", "error")),
+    (RECONCILE_RUNS, ("done", "skipped")),
+    (HOLDS, ("released", "expired", "refused")),
+    (STARTS, ("connected", "failed", "timed_out")),
+    (RESTORES, ("started", "succeeded", "failed", "already_running")),
+    (MOVES, ("moved", "failed")),
+    (
+        IDEMPOTENCY,
+        ("first", "replayed", "waited", "mismatch", "stored_ambiguous", "released", "store_down"),
+    ),
+    (PACED, ("immediate", "waited", "refused")),
+)
+for _metric, _values in _KNOWN_LABELS:
+    for _value in _values:
+        _metric.labels(_value)
+
+
+def known_codes(codes: Iterable[str]) -> None:
+    """Create the error and replay series of every X-Proxy-Error code at 0 (see above)."""
+    for code in codes:
+        ERRORS.labels(code)
+        REPLAYS.labels(code)
+    for outcome in ("proxied", "error", "answered_by_proxy", "idempotent_replay", "client_closed"):
+        for status_class in ("2xx", "4xx", "5xx"):
+            REQUESTS.labels(outcome, status_class)
 
 
 _REQUEST_CHILDREN: dict[tuple[str, int], Any] = {}

@@ -17,7 +17,8 @@ import httpx
 
 from tests.conftest import API_KEY
 from tests.helpers.processes import ProxyProcess, Simulator, child_env
-from tests.test_restore import TOKEN, holders, send, sid, wait_for
+from tests.helpers.traffic import wait_for
+from tests.test_restore import TOKEN, holders, send, sid
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 

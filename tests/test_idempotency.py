@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import API_KEY
 from tests.helpers.postgres import TempDatabase
 from tests.helpers.processes import ProxyProcess, Simulator
+from tests.helpers.traffic import post_send
 from tests.test_postgres import migrate
 from tests.test_scaleout import RedisServer
 
@@ -26,20 +27,7 @@ SID = "webjs_1_1732800000_idem0001"
 def send(
     proxy: ProxyProcess, key: str | None, message: str = "hello", session_id: str = SID
 ) -> httpx.Response:
-    headers = {"idempotency-key": key} if key is not None else {}
-    return httpx.post(
-        f"{proxy.url}/api/messages/send",
-        json={
-            "session_id": session_id,
-            "workspace_id": 1,
-            "recipient_phone": "628120001111",
-            "message": message,
-            "api_key": API_KEY,
-        },
-        headers=headers,
-        timeout=30,
-        trust_env=False,
-    )
+    return post_send(proxy.url, session_id, message, key, timeout=30)
 
 
 def deliveries(sims: list[Simulator], key: str) -> int:

@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import API_KEY
 from tests.helpers.postgres import TempDatabase
 from tests.helpers.processes import ProxyProcess, Simulator
+from tests.helpers.traffic import post_send, wait_for
 from tests.test_postgres import migrate
 
 TOKEN = "restore-admin-token"
@@ -44,19 +45,7 @@ def create(proxy: ProxyProcess, session_id: str, account_id: int) -> httpx.Respo
 
 def send(proxy: ProxyProcess, session_id: str, text: str) -> tuple[int, str, float]:
     started = time.monotonic()
-    answer = httpx.post(
-        f"{proxy.url}/api/messages/send",
-        json={
-            "session_id": session_id,
-            "workspace_id": 1,
-            "recipient_phone": "628120001111",
-            "message": text,
-            "type": "text",
-            "api_key": API_KEY,
-        },
-        timeout=40,
-        trust_env=False,
-    )
+    answer = post_send(proxy.url, session_id, text)
     return answer.status_code, answer.text, time.monotonic() - started
 
 
@@ -83,17 +72,6 @@ def holders(sims: list[Simulator], session_id: str) -> list[tuple[str, str]]:
         if answer.status_code == 200:
             found.append((sim.name, answer.json()["status"]))
     return found
-
-
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def proxy_env(sims: list[Simulator], **extra: str) -> dict[str, str]:

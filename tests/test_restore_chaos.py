@@ -29,7 +29,8 @@ import httpx
 
 from tests.conftest import API_KEY
 from tests.helpers.processes import ProxyProcess, Simulator
-from tests.test_restore import admin, create, holders, proxy_env, sid, wait_for
+from tests.helpers.traffic import wait_for
+from tests.test_restore import admin, create, holders, proxy_env, sid
 
 DURATION = float(os.environ.get("SESSION_PROXY_TEST_RESTORE_CHAOS_SECONDS", "60"))
 KILL_EVERY = 10.0
