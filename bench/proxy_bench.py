@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/proxy_bench.py [--duration S] [--rounds N] [--quick] [--workers N]
                                           [--json PATH] [--with-reconcile] [--source DIR]
+                                          [--aiohttp] [--tracing] [--skip-memory]
 
 One run starts, all on 127.0.0.1 and all torn down at exit:
 
@@ -17,6 +18,15 @@ with GETs (``/api/sessions/<id>/status``) and ~1 KB POSTs (``/api/messages/send`
 CPU each target spent (utime+stime of its whole process tree, from /proc) is divided by the
 requests wrk counted. Medians of the rounds are printed, then the routing table's memory for
 100,000 sessions and the time of one rediscovery across 20 instances.
+
+``--tracing`` adds three more session-proxy processes to the same rounds, with OpenTelemetry
+tracing (``proxy/tracing.py``) off (``OTEL_SDK_DISABLED=true`` with every other variable of the
+"on" ones set), on with 100% sampling (``always_on``) and on with 1% (``traceidratio`` 0.01),
+all exporting (BatchSpanProcessor, OTLP/HTTP protobuf) to a sink the bench runs in a process of
+its own (its CPU is not the proxy's); then compares them with the plain proxy of the same run
+and profiles one more off, 1% and 100% proxy each with a sampling profiler of its own (SIGPROF).
+``--skip-memory`` leaves out the memory fill and the rediscovery timing (they do not touch the
+tracing code), to keep such a run short.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import atexit
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -143,9 +154,11 @@ def wait_listening(ports: Sequence[int], proc: subprocess.Popen[bytes], log: Pat
 # --- /proc accounting ----------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int, task: int | None = None) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (or of its thread ``task``), None once it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+        text = Path(path).read_text()
     except OSError:
         return None
     # Field 2 (comm) may hold spaces; everything after its closing parenthesis splits cleanly.
@@ -173,6 +186,16 @@ def cpu_seconds(root: int) -> float:
         if fields is not None:
             ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return ticks / CLK_TCK
+
+
+def other_threads_seconds(pid: int) -> float:
+    """CPU of one process's threads other than its main one, live or ended (the process's own
+    stat counts every thread): in a traced proxy, the span exporter's thread."""
+    whole, main = _stat_fields(pid), _stat_fields(pid, pid)
+    if whole is None or main is None:
+        return 0.0
+    ticks = int(whole[11]) + int(whole[12]) - int(main[11]) - int(main[12])
+    return max(0, ticks) / CLK_TCK
 
 
 def rss_mib(root: int) -> float:
@@ -247,11 +270,16 @@ class Ports:
     rediscovery_proxy: int
     upstream_status: int  # the upstream nginx's stub_status: connections it accepted
     aiohttp_proxy: int = 0  # session-proxy with aiohttp as its upstream client (--aiohttp)
+    tracing: list[int] = field(default_factory=list)  # the --tracing proxies, then the profiled
+    otlp_sink: int = 0  # the OTLP/HTTP sink the --tracing proxies export to
 
     @classmethod
     def pick(cls) -> Ports:
-        p = free_ports(8 + REDISCOVERY_INSTANCES)
-        return cls(p[0], p[1], p[8:], p[2], p[3], p[4], p[5], p[6], p[7])
+        extra = 2 * len(TRACING_VARIANTS) + 1
+        p = free_ports(8 + extra + REDISCOVERY_INSTANCES)
+        ports = cls(p[0], p[1], p[8 + extra :], p[2], p[3], p[4], p[5], p[6], p[7])
+        ports.tracing, ports.otlp_sink = p[8 : 8 + extra - 1], p[8 + extra - 1]
+        return ports
 
 
 def _nginx_main(prefix: Path, http_body: str) -> str:
@@ -402,9 +430,17 @@ def start_proxy(
     work: Path,
     workers: int,
     launcher: Sequence[str] = ("-m", "proxy", "serve"),
+    otel: dict[str, str] | None = None,
     **extra: str,
 ) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_PROXY_")}
+    """A session-proxy process; ``otel`` are its OTEL_* variables (none are inherited, so that
+    a shell's tracing settings cannot turn tracing on in the proxies measured without it)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SESSION_PROXY_") and not k.startswith("OTEL_")
+    }
+    env |= otel or {}
     env |= {
         "SESSION_PROXY_INSTANCES": ",".join(f"http://{HOST}:{p}" for p in instances),
         "SESSION_PROXY_HOST": HOST,
@@ -628,6 +664,7 @@ class Run:
     upstream_conns: int  # connections the upstream accepted during the run
     requests: int
     errors: int
+    threads_cpu_us: float = 0.0  # of cpu_us: the root process's threads but its main one
 
 
 @dataclass
@@ -644,6 +681,7 @@ class Cell:
     upstream_cpu_us: float
     upstream_conns: float
     errors: int
+    threads_cpu_us: float = 0.0
     added_p50_ms: float = 0.0
     added_p99_ms: float = 0.0
     rounds: list[dict[str, float]] = field(default_factory=list)
@@ -660,9 +698,11 @@ def measure_once(
     target: Target, shape: str, connections: int, upstream: Target, script: Path, duration: float
 ) -> Run:
     before, up_before = cpu_seconds(target.pid), cpu_seconds(upstream.pid)
+    threads_before = other_threads_seconds(target.pid)
     accepts = upstream_accepts(upstream.port)
     w = run_wrk(target.port, script, connections, duration)
     used, up_used = cpu_seconds(target.pid) - before, cpu_seconds(upstream.pid) - up_before
+    threads_used = other_threads_seconds(target.pid) - threads_before
     conns = upstream_accepts(upstream.port) - accepts - 1  # less the stub_status request itself
     requests = int(w["requests"])
     errors = int(w["non2xx"] + w["connect"] + w["read"] + w["write"] + w["timeout"])
@@ -678,6 +718,7 @@ def measure_once(
         upstream_conns=conns,
         requests=requests,
         errors=errors,
+        threads_cpu_us=threads_used * 1e6 / max(1, requests),
     )
 
 
@@ -698,14 +739,22 @@ def median_cell(runs: list[Run]) -> Cell:
         upstream_cpu_us=med(lambda r: r.upstream_cpu_us),
         upstream_conns=med(lambda r: r.upstream_conns),
         errors=sum(r.errors for r in runs),
+        threads_cpu_us=med(lambda r: r.threads_cpu_us),
         rounds=[asdict(r) for r in runs],
     )
 
 
 def load_matrix(
-    work: Path, targets: list[Target], upstream: Target, duration: float, rounds: int
+    work: Path,
+    targets: list[Target],
+    upstream: Target,
+    duration: float,
+    rounds: int,
+    alternate: bool = False,
 ) -> list[Cell]:
-    """Every shape and concurrency, the targets one after another inside each round."""
+    """Every shape and concurrency, the targets one after another inside each round (with
+    ``alternate``, in reverse order every other round, so that no target always runs right
+    after the same other one)."""
     direct_ids = [sid for sid in LOAD_SESSIONS if _even(sid)]  # all held by port A
     scripts: dict[tuple[str, str], Path] = {}
     names = [target.name for target in targets]
@@ -721,7 +770,7 @@ def load_matrix(
     for round_no in range(rounds):
         for shape in SHAPES:
             for connections in (8, 64):
-                for target in targets:
+                for target in targets[::-1] if alternate and round_no % 2 else targets:
                     script = scripts[target.name, shape]
                     run = measure_once(target, shape, connections, upstream, script, duration)
                     runs.setdefault((target.name, shape, connections), []).append(run)
@@ -954,6 +1003,19 @@ def print_report(report: dict[str, Any]) -> None:
             f"{r['shape']:<5} {'c' + str(r['connections']):>4} {r['nginx_cpu_us']:>9,.0f} "
             f"{r['proxy_cpu_us']:>9,.0f} {r['cpu_ratio']:>6.1f} {r['rps_ratio']:>10.2f}"
         )
+    if "memory" not in report:
+        print("\n(routing table memory and rediscovery not measured: --skip-memory)")
+    else:
+        print_memory(report)
+    if "clients" in report:
+        print_clients(report["clients"])
+    if "tracing" in report:
+        print_tracing(report)
+    if "reconcile" in report:
+        print("\nbench/reconcile.py --sessions 10000 100000:\n" + report["reconcile"].rstrip())
+
+
+def print_memory(report: dict[str, Any]) -> None:
     m = report["memory"]
     print(
         f"\nrouting table memory: {m['sessions_learned']:,} sessions learned in "
@@ -969,10 +1031,6 @@ def print_report(report: dict[str, Any]) -> None:
         f"{r['ids']} ids: first request {r['unknown_median_ms']} ms (max {r['unknown_max_ms']}), "
         f"known {r['known_median_ms']} ms: rediscovery adds {r['rediscovery_added_ms']} ms"
     )
-    if "clients" in report:
-        print_clients(report["clients"])
-    if "reconcile" in report:
-        print("\nbench/reconcile.py --sessions 10000 100000:\n" + report["reconcile"].rstrip())
 
 
 def print_clients(rows: list[dict[str, Any]]) -> None:
@@ -1187,6 +1245,580 @@ def client_comparison(cells: list[Cell]) -> list[dict[str, Any]]:
     return out
 
 
+# --- OpenTelemetry tracing (--tracing) -----------------------------------------------------------
+
+# Target name, what it is, its OTEL_* variables besides the exporter's (see ``otel_env``).
+TRACING_VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    (
+        "tr-off",
+        "OTEL_SDK_DISABLED=true, every other variable as for 100%",
+        {"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_SAMPLER": "always_on"},
+    ),
+    ("tr-100%", "OTEL_TRACES_SAMPLER=always_on", {"OTEL_TRACES_SAMPLER": "always_on"}),
+    (
+        "tr-1%",
+        "OTEL_TRACES_SAMPLER=traceidratio, OTEL_TRACES_SAMPLER_ARG=0.01",
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+    ),
+)
+SAMPLED = {"tr-off": 0.0, "tr-100%": 1.0, "tr-1%": 0.01}
+SPANS_PER_REQUEST = 2  # the proxied request's server span and its one attempt's client span
+BSP_SCHEDULE_DELAY = 5.0  # the BatchSpanProcessor's default: a batch under 512 waits this long
+SERVE_OTLP_SINK = "--serve-otlp-sink"  # argv[1] of the sink process this file starts
+SERVE_PROFILED = "--serve-profiled"  # argv[1] of a proxy process with a sampling profiler
+
+
+def otel_env(variant: str, sink_port: int) -> dict[str, str]:
+    """The OTEL_* variables of one tracing variant: OTLP/HTTP protobuf to the bench's sink."""
+    own = next((v for name, _what, v in TRACING_VARIANTS if name == variant), {})
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{sink_port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": f"bench-{variant}",
+        **own,
+    }
+
+
+def serve_otlp_sink(port: int) -> int:
+    """An OTLP/HTTP trace receiver: 200 (an empty ``ExportTraceServiceResponse``) to every
+    ``POST /v1/traces``, counting per ``service.name`` the requests, body bytes and spans it got
+    (the protobuf is decoded, so a broken export would show); ``GET /stats`` answers the counts.
+    HTTP/1.1 keep-alive, as a collector, so the exporter reuses its connection."""
+    import gzip
+    import threading
+    import zlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    lock = threading.Lock()
+    counts: dict[str, dict[str, int]] = {}
+
+    class Sink(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def answer(
+            self, status: int, body: bytes = b"", kind: str = "application/x-protobuf"
+        ) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path != "/v1/traces":
+                self.answer(404)
+                return
+            encoding = (self.headers.get("Content-Encoding") or "").lower()
+            service, spans = "undecodable", 0
+            try:
+                if encoding == "gzip":
+                    raw = gzip.decompress(body)
+                elif encoding == "deflate":
+                    raw = zlib.decompress(body)
+                else:
+                    raw = body
+                for resource in ExportTraceServiceRequest.FromString(raw).resource_spans:
+                    for attribute in resource.resource.attributes:
+                        if attribute.key == "service.name":
+                            service = attribute.value.string_value
+                    spans += sum(len(scope.spans) for scope in resource.scope_spans)
+            except Exception:
+                service, spans = "undecodable", 0
+            with lock:
+                entry = counts.setdefault(service, {"requests": 0, "bytes": 0, "spans": 0})
+                entry["requests"] += 1
+                entry["bytes"] += len(body)
+                entry["spans"] += spans
+            self.answer(200)
+
+        def do_GET(self) -> None:
+            if self.path != "/stats":
+                self.answer(404)
+                return
+            with lock:
+                body = json.dumps(counts).encode()
+            self.answer(200, body, "application/json")
+
+    server = ThreadingHTTPServer((HOST, port), Sink)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, _on_signal)
+    with contextlib.suppress(SystemExit, KeyboardInterrupt):
+        server.serve_forever()
+    server.server_close()
+    return 0
+
+
+def start_sink(work: Path, port: int) -> subprocess.Popen[bytes]:
+    log = work / "otlp-sink.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), SERVE_OTLP_SINK, str(port)]
+    proc = spawn(cmd, log)
+    wait_listening([port], proc, log)
+    return proc
+
+
+def sink_counts(port: int) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = json.loads(http_get(port, "/stats")[2])
+    return counts
+
+
+def protobuf_loaded(pid: int) -> bool:
+    """Is protobuf's C extension mapped in the process? The OTLP exporter needs it; a proxy
+    with tracing off should never have imported the tracing packages at all."""
+    with contextlib.suppress(OSError):
+        return "_upb" in Path(f"/proc/{pid}/maps").read_text()
+    return False
+
+
+def start_tracing_proxies(
+    work: Path, ports: Ports, workers: int
+) -> dict[str, subprocess.Popen[bytes]]:
+    """The three tracing variants, each warmed."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for (name, _what, _env), port in zip(TRACING_VARIANTS, ports.tracing, strict=False):
+        otel = otel_env(name, ports.otlp_sink)
+        procs[name] = start_proxy(
+            name, port, [ports.a, ports.b], work, workers, otel=otel, shutdown_drain="0"
+        )
+        warm(port, ports)
+    return procs
+
+
+def export_counts(
+    cells: list[Cell],
+    before: dict[str, dict[str, int]],
+    after: dict[str, dict[str, int]],
+    loaded: dict[str, bool],
+    work: Path,
+) -> list[dict[str, Any]]:
+    """What each variant exported during the load matrix, against the requests wrk counted."""
+    rows = []
+    for name, _what, _env in TRACING_VARIANTS:
+        requests = sum(int(r["requests"]) for c in cells if c.target == name for r in c.rounds)
+        service = f"bench-{name}"
+        got = {
+            key: after.get(service, {}).get(key, 0) - before.get(service, {}).get(key, 0)
+            for key in ("requests", "bytes", "spans")
+        }
+        log = work / f"{name}.log"
+        rows.append(
+            {
+                "variant": name,
+                "requests": requests,
+                "spans": got["spans"],
+                "spans_per_request": round(got["spans"] / max(1, requests), 4),
+                "expected_per_request": SPANS_PER_REQUEST * SAMPLED[name],
+                "posts": got["requests"],
+                "bytes": got["bytes"],
+                "bytes_per_request": round(got["bytes"] / max(1, requests), 1),
+                "queue_full_warnings": log.read_text(errors="replace").count("Queue full")
+                if log.exists()
+                else 0,
+                "protobuf_loaded": loaded[name],
+            }
+        )
+    return rows
+
+
+def tracing_comparison(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Per shape and concurrency: the plain proxy of the same run, tracing off, 100%, 1%."""
+    by = {(c.target, c.shape, c.connections): c for c in cells}
+    names = {"base": "proxy", "off": "tr-off", "on": "tr-100%", "one": "tr-1%"}
+    out = []
+    for shape in SHAPES:
+        for conc in (8, 64):
+            got = {key: by[name, shape, conc] for key, name in names.items()}
+            base_rounds = [r["cpu_us"] for r in got["base"].rounds]
+            base = got["base"].cpu_us
+            off_rounds = [r["cpu_us"] for r in got["off"].rounds]
+            out.append(
+                {
+                    "shape": shape,
+                    "connections": conc,
+                    **{f"{k}_cpu_us": round(c.cpu_us, 1) for k, c in got.items()},
+                    **{f"{k}_export_us": round(c.threads_cpu_us, 1) for k, c in got.items()},
+                    **{f"{k}_p50_ms": round(c.p50_ms, 2) for k, c in got.items()},
+                    **{f"{k}_p99_ms": round(c.p99_ms, 2) for k, c in got.items()},
+                    **{f"{k}_rps": round(c.rps) for k, c in got.items()},
+                    **{f"{k}_errors": c.errors for k, c in got.items()},
+                    **{
+                        f"{k}_rounds_cpu_us": [round(r["cpu_us"]) for r in c.rounds]
+                        for k, c in got.items()
+                    },
+                    "off_base": round(got["off"].cpu_us / max(base, 0.1), 3),
+                    "on_off": round(got["on"].cpu_us / max(got["off"].cpu_us, 0.1), 3),
+                    "one_off": round(got["one"].cpu_us / max(got["off"].cpu_us, 0.1), 3),
+                    "base_round_range": [
+                        round(min(base_rounds) / max(base, 0.1), 3),
+                        round(max(base_rounds) / max(base, 0.1), 3),
+                    ],
+                    # The same, pairing each round's off with that round's base (back to back).
+                    "off_base_per_round": [
+                        round(o / max(b, 0.1), 3)
+                        for o, b in zip(off_rounds, base_rounds, strict=True)
+                    ],
+                }
+            )
+    return out
+
+
+# --- where a traced proxy's CPU goes: a sampling profiler ----------------------------------------
+
+
+def serve_profiled(out: str) -> int:
+    """``python -m proxy serve`` (one worker) with a sampling profiler in it: between SIGUSR1
+    and SIGUSR2, SIGPROF comes every ``SAMPLE_EVERY`` s of the process's CPU; each time, the
+    event loop's stack (the signal's frame: Python runs handlers in the main thread) and every
+    other thread's (``sys._current_frames``) are recorded, each weighted by the CPU that thread
+    used since the last sample (its own CPU clock). No tracing of calls, so the code is not
+    slowed down unevenly, as cProfile slows code made of many small calls. Written to ``out``
+    (JSON) when the server has stopped."""
+    import threading
+
+    from proxy.cli import main as proxy_main
+
+    main_ident = threading.main_thread().ident or 0
+    clocks: dict[int, int] = {}
+    last: dict[int, float] = {}
+    threads: dict[str, dict[str, Any]] = {}
+    state = {"on": False, "samples": 0}
+
+    def record(ident: int, frame: Any, name: str) -> None:
+        if ident == main_ident:
+            now = time.thread_time()
+        else:
+            with contextlib.suppress(OSError, ValueError):
+                clocks.setdefault(ident, time.pthread_getcpuclockid(ident))
+            if ident not in clocks:
+                return
+            now = time.clock_gettime(clocks[ident])
+        used, last[ident] = now - last.get(ident, now), now
+        if used <= 0 or frame is None:
+            return
+        got = threads.setdefault(name, {"cpu_s": 0.0, "areas": {}, "functions": {}, "under": 0.0})
+        code = frame.f_code
+        area = _area(code.co_filename)
+        function = f"{Path(code.co_filename).name}:{code.co_firstlineno}({code.co_name})"
+        got["cpu_s"] += used
+        got["areas"][area] = got["areas"].get(area, 0.0) + used
+        got["functions"][function] = [
+            got["functions"].get(function, [0.0, area])[0] + used,
+            area,
+        ]
+        caller = frame
+        while caller is not None:  # anywhere in the stack: tracing's own code, or OTel's
+            file = caller.f_code.co_filename
+            if file.endswith("/proxy/tracing.py") or "/opentelemetry/" in file:
+                got["under"] += used
+                break
+            caller = caller.f_back
+
+    def sample(_signum: int, frame: Any) -> None:
+        if not state["on"]:
+            return
+        state["samples"] += 1
+        record(main_ident, frame, "main")
+        for ident, other in sys._current_frames().items():
+            if ident != main_ident:
+                thread = threading._active.get(ident)  # type: ignore[attr-defined]
+                record(ident, other, thread.name if thread is not None else str(ident))
+
+    def toggle(signum: int, _frame: object) -> None:
+        state["on"] = signum == signal.SIGUSR1
+        last.clear()
+        if state["on"]:
+            last[main_ident] = time.thread_time()
+            signal.setitimer(signal.ITIMER_PROF, SAMPLE_EVERY, SAMPLE_EVERY)
+        else:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+
+    signal.signal(signal.SIGPROF, sample)
+    signal.signal(signal.SIGUSR1, toggle)
+    signal.signal(signal.SIGUSR2, toggle)
+    try:
+        result: int = proxy_main(["serve"])
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        Path(out).write_text(json.dumps({"samples": state["samples"], "threads": threads}))
+    return result
+
+
+# First match wins: where a function's file lies, which part of the work it is.
+PROFILE_AREAS: tuple[tuple[str, str], ...] = (
+    ("/proxy/tracing.py", "proxy/tracing.py"),
+    ("/opentelemetry/sdk/trace/export/", "otel batch processor"),
+    ("/opentelemetry/sdk/_shared_internal/", "otel batch processor"),
+    ("/opentelemetry/sdk/trace/sampling.py", "otel sampler"),
+    ("/opentelemetry/sdk/", "otel SDK spans (start, end, attributes)"),
+    ("/opentelemetry/exporter/otlp/proto/common/", "otel OTLP encoder (spans to protobuf)"),
+    ("/opentelemetry/exporter/", "otel OTLP exporter (post)"),
+    ("/opentelemetry/proto/", "protobuf"),
+    ("/google/protobuf/", "protobuf"),
+    ("/opentelemetry/context/", "otel context (attach, detach)"),
+    ("/opentelemetry/attributes/", "otel attribute checks"),
+    ("/opentelemetry/trace/propagation/", "otel propagator (traceparent)"),
+    ("/opentelemetry/propagators/", "otel propagator (traceparent)"),
+    ("/opentelemetry/util/", "otel util (its context managers)"),
+    ("/opentelemetry/", "otel trace API (use_span, span objects)"),
+    ("/requests/", "requests/urllib3/http.client"),
+    ("/urllib3/", "requests/urllib3/http.client"),
+    ("/http/client.py", "requests/urllib3/http.client"),
+    ("/proxy/", "proxy (the rest)"),
+    ("/uvicorn/", "uvicorn/starlette"),
+    ("/starlette/", "uvicorn/starlette"),
+    ("/prometheus_client/", "prometheus_client"),
+    ("/contextlib.py", "contextlib (with-blocks)"),
+    ("/asyncio/", "asyncio/uvloop"),
+    ("/threading.py", "threading"),
+    ("/logging/", "logging"),
+)
+OTHER_AREA = "other (stdlib)"
+PROFILE_VARIANTS = ("tr-off", "tr-1%", "tr-100%")
+PROFILE_SECONDS = 2  # of wrk per shape and profiled proxy
+SAMPLE_EVERY = 0.004  # s of the process's CPU between samples (the timer's granularity here)
+
+
+def _area(path: str) -> str:
+    return next((area for marker, area in PROFILE_AREAS if marker in path), OTHER_AREA)
+
+
+def profile_tracing(work: Path, ports: Ports, seconds: int) -> dict[str, Any]:
+    """A proxy per variant (off, 1%, 100%) with the sampling profiler, one after the other:
+    warmed, then profiled while wrk sends GETs then POSTs at 8 connections, ``seconds`` each;
+    its CPU measured from /proc over the same window, to check the samples add up."""
+    launcher_file = str(Path(__file__).resolve())
+    out: dict[str, Any] = {"seconds_per_shape": seconds, "variants": {}}
+    first_port = len(TRACING_VARIANTS)
+    for n, variant in enumerate(PROFILE_VARIANTS):
+        result, port = work / f"profile-{n}.json", ports.tracing[first_port + n]
+        proc = start_proxy(
+            f"profiled-{variant}",
+            port,
+            [ports.a, ports.b],
+            work,
+            1,
+            (launcher_file, SERVE_PROFILED, str(result)),
+            otel_env(variant, ports.otlp_sink) | {"OTEL_SERVICE_NAME": f"bench-profiled-{n}"},
+            shutdown_drain="0",
+        )
+        requests = 0
+        try:
+            warm(port, ports)
+            proc.send_signal(signal.SIGUSR1)
+            cpu, threads = cpu_seconds(proc.pid), other_threads_seconds(proc.pid)
+            for shape, text in (("GET", lua_get(LOAD_SESSIONS)), ("POST", lua_post(LOAD_SESSIONS))):
+                script = work / f"profile-{shape}.lua"
+                script.write_text(text)
+                requests += int(run_wrk(port, script, 8, seconds)["requests"])
+            cpu, threads = cpu_seconds(proc.pid) - cpu, other_threads_seconds(proc.pid) - threads
+            proc.send_signal(signal.SIGUSR2)
+        finally:
+            stop(proc, grace=20)
+        if not result.exists():
+            log = (work / f"profiled-{variant}.log").read_text()[-2000:]
+            raise RuntimeError(f"no profile written for {variant}: {log}")
+        profile = json.loads(result.read_text())
+        out["variants"][variant] = {
+            "requests": requests,
+            "samples": profile["samples"],
+            "measured_main_us": round((cpu - threads) * 1e6 / max(1, requests), 1),
+            "measured_other_us": round(threads * 1e6 / max(1, requests), 1),
+            "threads": profile["threads"],
+        }
+    return out
+
+
+def print_tracing(report: dict[str, Any]) -> None:
+    t = report["tracing"]
+    print(
+        "\ntracing (OpenTelemetry): session-proxy processes of their own in the same rounds, "
+        "exporting with a\n  BatchSpanProcessor (defaults) over OTLP/HTTP protobuf to the "
+        "bench's sink (another process, not counted)"
+    )
+    print("  base = the proxy above (no OTEL_* variables at all)")
+    for name, what, _env in TRACING_VARIANTS:
+        print(f"  {name.removeprefix('tr-')} = {what}")
+    print(
+        "  CPU us/req = the proxy process's (all threads); export us = of that, its threads "
+        "other than the event loop's\n  (the span exporter's); ratios of the medians\n"
+    )
+    head = (
+        f"{'shape':<5} {'conc':>4} {'base us':>8} {'off us':>7} {'100% us':>8} {'1% us':>6} "
+        f"{'off/base':>8} {'100%/off':>8} {'1%/off':>7} {'export 100%':>11} {'export 1%':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in t["rows"]:
+        print(
+            f"{r['shape']:<5} {'c' + str(r['connections']):>4} {r['base_cpu_us']:>8,.0f} "
+            f"{r['off_cpu_us']:>7,.0f} {r['on_cpu_us']:>8,.0f} {r['one_cpu_us']:>6,.0f} "
+            f"{r['off_base']:>8.2f} {r['on_off']:>8.2f} {r['one_off']:>7.2f} "
+            f"{r['on_export_us']:>11,.0f} {r['one_export_us']:>9,.0f}"
+        )
+    print("\nlatency (wrk p50 / p99, ms) and req/s")
+    head = (
+        f"{'shape':<5} {'conc':>4} {'base':>13} {'off':>13} {'100%':>13} {'1%':>13} "
+        f"{'req/s base':>10} {'off':>7} {'100%':>7} {'1%':>7} {'errors':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in t["rows"]:
+        lat = [
+            f"{r[k + '_p50_ms']:.2f} / {r[k + '_p99_ms']:.2f}" for k in ("base", "off", "on", "one")
+        ]
+        errors = sum(r[k + "_errors"] for k in ("base", "off", "on", "one"))
+        print(
+            f"{r['shape']:<5} {'c' + str(r['connections']):>4} "
+            + " ".join(f"{x:>13}" for x in lat)
+            + f" {r['base_rps']:>10,} {r['off_rps']:>7,} {r['on_rps']:>7,} {r['one_rps']:>7,}"
+            f" {errors:>6}"
+        )
+    print(
+        "\nper round, CPU us/req (base / off / 100% / 1%; with --tracing every other round runs "
+        "the targets in reverse order):"
+    )
+    for r in t["rows"]:
+        rounds = " | ".join(
+            "/".join(str(r[k + "_rounds_cpu_us"][n]) for k in ("base", "off", "on", "one"))
+            for n in range(len(r["base_rounds_cpu_us"]))
+        )
+        print(f"  {r['shape']:<4} c{r['connections']:<3} {rounds}")
+    offs = [r["off_base"] for r in t["rows"]]
+    paired = [x for r in t["rows"] for x in r["off_base_per_round"]]
+    low = min(r["base_round_range"][0] for r in t["rows"])
+    high = max(r["base_round_range"][1] for r in t["rows"])
+    inside = sum(
+        r["base_round_range"][0] <= r["off_base"] <= r["base_round_range"][1] for r in t["rows"]
+    )
+    print(
+        f"off against base, round by round ({len(paired)} pairs): geometric mean "
+        f"{statistics.geometric_mean(paired):.3f}, median {statistics.median(paired):.3f}"
+    )
+    print(
+        f"off against base: median ratio {min(offs):.2f}-{max(offs):.2f} over the "
+        f"{len(offs)} cells (round by round {min(paired):.2f}-{max(paired):.2f}); base's own "
+        f"rounds lie at {low:.2f}-{high:.2f} of its median;\n  off's median is inside base's "
+        f"round range in {inside} of {len(offs)} cells"
+    )
+    print("\nexported to the sink during the rounds (the proxies flushed at exit)")
+    head = (
+        f"{'variant':<8} {'requests':>9} {'spans':>8} {'spans/req':>9} {'expected':>8} "
+        f"{'POSTs':>6} {'KiB':>7} {'bytes/req':>9} {'queue full':>10} {'protobuf loaded':>15}"
+    )
+    print(head)
+    print("-" * len(head))
+    for e in t["export"]:
+        print(
+            f"{e['variant']:<8} {e['requests']:>9,} {e['spans']:>8,} "
+            f"{e['spans_per_request']:>9.3f} {e['expected_per_request']:>8.3f} {e['posts']:>6,} "
+            f"{e['bytes'] / 1024:>7,.0f} {e['bytes_per_request']:>9,.0f} "
+            f"{e['queue_full_warnings']:>10} {'yes' if e['protobuf_loaded'] else 'no':>15}"
+        )
+    print(
+        f"sink: {t['sink_cpu_s']:.2f} s CPU in all, {t['sink_us_per_span']:.1f} us per span "
+        "received (decoding included; in no proxy's figures)"
+    )
+    if "profile" in t:
+        print_profile(t["profile"], t["rows"])
+
+
+def print_profile(p: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    variants = p["variants"]
+
+    def per_request(variant: str, seconds: float) -> float:
+        return float(seconds * 1e6 / max(1, variants[variant]["requests"]))
+
+    empty: dict[str, Any] = {"cpu_s": 0.0, "areas": {}, "functions": {}, "under": 0.0}
+    mains = {v: info["threads"].get("main", empty) for v, info in variants.items()}
+    counts = ", ".join(
+        f"{k.removeprefix('tr-')} {v['requests']:,} requests, {v['samples']:,} samples"
+        f" ({per_request(k, mains[k]['cpu_s']) / max(1, v['samples']):.2f} us/req each)"
+        for k, v in variants.items()
+    )
+    print(
+        "\nwhere the CPU goes: a sampling profiler inside one more proxy per variant (SIGPROF "
+        f"per {SAMPLE_EVERY * 1000:.0f} ms of the process's CPU\n  at most; each thread's stack "
+        "weighted by the CPU that thread used since the last sample; a C call\n  counts as the "
+        "Python "
+        f"function that made it), while wrk sends GET then POST at c8, {p['seconds_per_shape']}"
+        f" s each:\n  {counts}"
+    )
+    names = [v.removeprefix("tr-") for v in variants]
+    head = f"{'event loop (main thread), CPU us/req':<44}" + "".join(f"{n:>9}" for n in names)
+    head += f"{'100%-off':>10}"
+    print("\n" + head)
+    print("-" * len(head))
+
+    def line(label: str, got: list[float]) -> None:
+        print(f"{label:<44}" + "".join(f"{x:>9.1f}" for x in got) + f"{got[-1] - got[0]:>10.1f}")
+
+    areas = sorted(
+        {a for t in mains.values() for a in t["areas"]},
+        key=lambda a: -max(t["areas"].get(a, 0.0) for t in mains.values()),
+    )
+    for area in areas:
+        got = [per_request(v, t["areas"].get(area, 0.0)) for v, t in mains.items()]
+        if max(got) >= 1.0:
+            line(area, got)
+    line("total (this proxy, profiled)", [per_request(v, t["cpu_s"]) for v, t in mains.items()])
+    keys = {"tr-off": "off", "tr-1%": "one", "tr-100%": "on"}
+    c8 = [r for r in rows if r["connections"] == 8]
+    line(
+        "  in the rounds, c8 (no profiler)",
+        [
+            float(statistics.mean(r[f"{keys[v]}_cpu_us"] - r[f"{keys[v]}_export_us"] for r in c8))
+            for v in variants
+        ],
+    )
+    line(
+        "  of it under proxy/tracing.py or OTel code",
+        [per_request(v, t["under"]) for v, t in mains.items()],
+    )
+    for variant, info in variants.items():
+        for name, t in info["threads"].items():
+            if name == "main" or per_request(variant, t["cpu_s"]) < 1.0:
+                continue
+            print(
+                f"\n{variant.removeprefix('tr-')}, thread {name}: "
+                f"{per_request(variant, t['cpu_s']):.1f} us/req sampled "
+                f"({info['measured_other_us']:.1f} from /proc for all threads but the loop)"
+            )
+            for area, seconds in sorted(t["areas"].items(), key=lambda kv: -kv[1]):
+                if per_request(variant, seconds) >= 0.5:
+                    print(f"  {per_request(variant, seconds):>6.1f}  {area}")
+            top = sorted(t["functions"].items(), key=lambda kv: -kv[1][0])[:8]
+            print("  top functions (innermost Python frame):")
+            for function, (seconds, area) in top:
+                print(f"  {per_request(variant, seconds):>6.1f}  {function} [{area}]")
+
+    def functions(variant: str) -> dict[str, tuple[float, str]]:
+        return {
+            k: (per_request(variant, s), a) for k, (s, a) in mains[variant]["functions"].items()
+        }
+
+    off = functions("tr-off")
+    for variant in ("tr-1%", "tr-100%"):
+        now = functions(variant)
+        grown = sorted(
+            ((us - off.get(k, (0.0, ""))[0], k, area) for k, (us, area) in now.items()),
+            reverse=True,
+        )[:14]
+        print(
+            f"\n{variant.removeprefix('tr-')}, event loop: the functions (innermost Python frame) "
+            "that grew most over off, CPU us/req"
+        )
+        for more, function, area in grown:
+            print(f"  {more:>+6.1f}  {function} [{area}]")
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -1224,6 +1856,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "upstream", upstream_conf(work / "upstream", ports), work, all_upstream
         )
         nginx = start_nginx("nginx", nginx_proxy_conf(work / "nginx", ports), work, [ports.nginx])
+        traced: dict[str, subprocess.Popen[bytes]] = {}
+        if args.tracing:
+            # Started and warmed first: their warm-up spans are exported (the batch processor
+            # sends a batch under 512 spans after 5 s) before the rounds are counted.
+            sink = start_sink(work, ports.otlp_sink)
+            traced = start_tracing_proxies(work, ports, args.workers)
+            warmed_at = time.monotonic()
         proxy = start_proxy("proxy", ports.proxy, [ports.a, ports.b], work, args.workers)
         warm(ports.proxy, ports)
         other = None
@@ -1241,18 +1880,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         if other is not None:
             targets.append(Target("aiohttp", ports.aiohttp_proxy, other.pid))
+        for (name, _what, _env), port in zip(TRACING_VARIANTS, ports.tracing, strict=False):
+            if name in traced:
+                targets.append(Target(name, port, traced[name].pid))
+        if traced:
+            time.sleep(max(0.0, warmed_at + BSP_SCHEDULE_DELAY + 0.5 - time.monotonic()))
+            exported_before, sink_cpu_before = sink_counts(ports.otlp_sink), cpu_seconds(sink.pid)
         instances = Target("upstream", ports.upstream_status, upstream.pid)
-        cells = load_matrix(work, targets, instances, args.duration, args.rounds)
+        cells = load_matrix(work, targets, instances, args.duration, args.rounds, bool(traced))
         report["cells"] = [asdict(c) for c in cells]
         report["ratios"] = ratios(cells)
         stop(proxy)
         if other is not None:
             report["clients"] = client_comparison(cells)
             stop(other)
-        progress("routing table memory ...")
-        report["memory"] = table_memory(work, ports, args.fill_sessions, args.fill_seconds)
-        progress("rediscovery across 20 instances ...")
-        report["rediscovery"] = rediscovery(work, ports)
+        if traced:
+            loaded = {name: protobuf_loaded(proc.pid) for name, proc in traced.items()}
+            for proc in traced.values():  # SIGTERM: each flushes its last batch at exit
+                stop(proc, grace=20)
+            exported = sink_counts(ports.otlp_sink)
+            sink_cpu = cpu_seconds(sink.pid) - sink_cpu_before
+            spans = sum(e.get("spans", 0) for e in exported.values()) - sum(
+                e.get("spans", 0) for e in exported_before.values()
+            )
+            report["tracing"] = {
+                "rows": tracing_comparison(cells),
+                "export": export_counts(cells, exported_before, exported, loaded, work),
+                "sink_cpu_s": round(sink_cpu, 2),
+                "sink_us_per_span": round(sink_cpu * 1e6 / max(1, spans), 2),
+            }
+            progress("off, 1% and 100% proxies with a sampling profiler ...")
+            report["tracing"]["profile"] = profile_tracing(work, ports, PROFILE_SECONDS)
+        if not args.skip_memory:
+            progress("routing table memory ...")
+            report["memory"] = table_memory(work, ports, args.fill_sessions, args.fill_seconds)
+            progress("rediscovery across 20 instances ...")
+            report["rediscovery"] = rediscovery(work, ports)
     if args.with_reconcile:
         progress("bench/reconcile.py ...")
         report["reconcile"] = reconcile_output()
@@ -1261,8 +1924,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else list(argv))[:1] == [SERVE_WITH_AIOHTTP]:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] == [SERVE_WITH_AIOHTTP]:
         return serve_with_aiohttp()
+    if given[:1] == [SERVE_OTLP_SINK]:
+        return serve_otlp_sink(int(given[1]))
+    if given[:1] == [SERVE_PROFILED]:
+        return serve_profiled(given[1])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is reported)")
@@ -1274,6 +1942,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--aiohttp",
         action="store_true",
         help="also run session-proxy with aiohttp as its upstream client (pip install aiohttp)",
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also run session-proxy with OpenTelemetry tracing off / on at 100%% / on at 1%%, "
+        "exporting to an OTLP/HTTP sink of the bench's own, compare, and profile the 100%% one "
+        "(needs the tracing extra)",
+    )
+    parser.add_argument(
+        "--skip-memory",
+        action="store_true",
+        help="leave out the routing-table memory fill and the rediscovery timing",
     )
     parser.add_argument(
         "--source",
@@ -1290,6 +1970,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.fill_sessions = min(args.fill_sessions, 10_000)
     if not (args.source / "proxy" / "__main__.py").exists():
         parser.error(f"--source {args.source}: no proxy/__main__.py there")
+    if args.tracing and not (args.source / "proxy" / "tracing.py").exists():
+        parser.error(f"--tracing: --source {args.source} has no proxy/tracing.py")
+    if args.tracing and importlib.util.find_spec("opentelemetry.sdk") is None:
+        parser.error("--tracing needs the tracing extra: pip install -e '.[tracing]'")
     global SOURCE
     SOURCE = args.source.resolve()
     signal.signal(signal.SIGTERM, _on_signal)

@@ -22,6 +22,7 @@ log = logging.getLogger("session_proxy.tracing")
 # The tracer when tracing is on, else None. Read it as ``tracing.TRACER`` (it is set at start).
 TRACER: Any = None
 _PROPAGATOR: Any = None
+_API: Any = None  # the opentelemetry.trace module, imported once tracing is on
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -42,7 +43,7 @@ def wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
 
 def configure(exporter: Any = None, sampler: Any = None) -> bool:
     """Set tracing up from the environment (or with ``exporter``, for tests); True when on."""
-    global TRACER, _PROPAGATOR
+    global TRACER, _PROPAGATOR, _API
     if exporter is None and not wanted():
         TRACER = None
         return False
@@ -69,6 +70,7 @@ def configure(exporter: Any = None, sampler: Any = None) -> bool:
         provider.add_span_processor(BatchSpanProcessor(_exporter_from_env()))
     TRACER = provider.get_tracer("session-proxy")
     _PROPAGATOR = TraceContextTextMapPropagator()
+    _API = trace
     trace.set_tracer_provider(provider)
     return True
 
@@ -106,13 +108,11 @@ def _carrier(headers: Headers) -> dict[str, str]:
 @contextlib.contextmanager
 def request_span(method: str, path: str, headers: Headers) -> Iterator[Any]:
     """The proxied request's server span, continuing the client's ``traceparent``."""
-    from opentelemetry.trace import SpanKind
-
     parent = _PROPAGATOR.extract(_carrier(headers))
     with TRACER.start_as_current_span(
         f"{method} proxied",
         context=parent,
-        kind=SpanKind.SERVER,
+        kind=_API.SpanKind.SERVER,
         attributes={"http.request.method": method, "url.path": path},
     ) as span:
         yield span
@@ -133,11 +133,9 @@ def span(name: str, **attributes: Any) -> Iterator[Any]:
 @contextlib.contextmanager
 def attempt_span(instance: str, attempt: int) -> Iterator[Any]:
     """One attempt: a client span, whose context the instance receives as its parent."""
-    from opentelemetry.trace import SpanKind
-
     with TRACER.start_as_current_span(
         "attempt",
-        kind=SpanKind.CLIENT,
+        kind=_API.SpanKind.CLIENT,
         attributes={"session_proxy.instance": instance, "session_proxy.attempt": attempt},
     ) as current:
         yield current
@@ -161,10 +159,9 @@ def describe_request(
     error_code: str,
 ) -> None:
     """What the proxied request's span says once it is answered."""
-    from opentelemetry import trace
-    from opentelemetry.trace import Status, StatusCode
-
-    current = trace.get_current_span()
+    current = _API.get_current_span()
+    if not current.is_recording():
+        return  # not sampled: nothing to describe
     current.set_attribute("http.response.status_code", status)
     current.set_attribute("session_proxy.outcome", outcome)
     current.set_attribute("session_proxy.attempts", attempts)
@@ -175,13 +172,13 @@ def describe_request(
     if error_code:
         current.set_attribute("session_proxy.error", error_code)
     if status >= 500:
-        current.set_status(Status(StatusCode.ERROR, error_code or str(status)))
+        current.set_status(_API.Status(_API.StatusCode.ERROR, error_code or str(status)))
 
 
 def record_error(current: Any, error: BaseException) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
-    current.set_status(Status(StatusCode.ERROR, str(error)[:200]))
+    if not current.is_recording():
+        return
+    current.set_status(_API.Status(_API.StatusCode.ERROR, str(error)[:200]))
     code = getattr(error, "code", None)
     if code:
         current.set_attribute("session_proxy.error", code)
