@@ -45,6 +45,13 @@ async def _nothing_to_reset(_conn: Any) -> None:
     pass
 
 
+def _drop(conn: Any) -> None:
+    """Close a connection at once; one the pool already let go of is closed already (asyncpg
+    then raises InterfaceError, which must not read as "the database is down")."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
 class StoreUnavailable(Exception):
     """The database cannot answer now; callers fall back to the fleet."""
 
@@ -493,15 +500,15 @@ class Store:
             try:
                 yield bool(got)
             finally:
-                if got:
+                if got and not conn.is_closed():  # a closed connection's lock is gone with it
                     try:
                         self._count("reconcile")
                         await conn.fetchval("SELECT pg_advisory_unlock(hashtext($1))", key)
                     except Exception:
                         # Never back into the pool holding the lock (its reset does not unlock).
-                        conn.terminate()
+                        _drop(conn)
                     except BaseException:  # cancelled meanwhile: the same, then go on
-                        conn.terminate()
+                        _drop(conn)
                         raise
 
     @property
