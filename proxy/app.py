@@ -205,6 +205,8 @@ class ProxyApp:
             await self.store.close()
         await self.client.aclose()
         await self.table.close()
+        if tracing.TRACER is not None:
+            await asyncio.to_thread(tracing.shutdown)  # the batch exporter sends what it holds
 
     async def _invalidate(self, session_id: str | None) -> None:
         """The database says a row changed (or we may have missed changes): forget it."""

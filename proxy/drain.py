@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,15 @@ class DrainState:
     started_at: float | None = None
     seconds: float | None = None
     errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+
+    def count(self, move: Move, moved: bool, why: str) -> None:
+        """One move of this drain ended."""
+        self.remaining = max(0, self.remaining - 1)
+        if moved:
+            self.moved += 1
+        else:
+            self.failed += 1
+            self.errors.append({"session_id": move.session_id, "error": why})
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -144,7 +154,12 @@ class Drainer:
                     break
                 state.remaining = len(held)
                 fields = await self._fields([sid for sid, _ in held], dict(held))
-                await self._run_moves([Move(sid, instance) for sid, _ in held], fields, state)
+                await self._run_moves(
+                    [Move(sid, instance) for sid, _ in held],
+                    fields,
+                    state.count,
+                    lambda: state.state == DRAINING,
+                )
             state.remaining = len(await self._sessions_on(instance))
         except ProxyError as error:
             state.errors.append({"error": f"cannot list its sessions: {error.detail}"})
@@ -187,22 +202,20 @@ class Drainer:
         return fields
 
     async def _run_moves(
-        self, moves: list[Move], fields: dict[str, CreateFields], state: DrainState | None
+        self,
+        moves: list[Move],
+        fields: dict[str, CreateFields],
+        done: Callable[[Move, bool, str], None],
+        going_on: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``DRAIN_CONCURRENCY`` moves at a time; ``done(move, moved, why)`` after each, no new
+        one once ``going_on()`` is false (an undrain)."""
         limit = asyncio.Semaphore(self._settings.drain_concurrency)
 
         async def one(move: Move) -> None:
             async with limit:
-                if state is not None and state.state != DRAINING:
-                    return
-                moved, why = await self.move(move, fields[move.session_id])
-                if state is not None:
-                    state.remaining = max(0, state.remaining - 1)
-                    if moved:
-                        state.moved += 1
-                    else:
-                        state.failed += 1
-                        state.errors.append({"session_id": move.session_id, "error": why})
+                if going_on():
+                    done(move, *await self.move(move, fields[move.session_id]))
 
         await asyncio.gather(*(one(move) for move in moves))
 
@@ -358,15 +371,12 @@ class Drainer:
 
     async def _rebalance(self, moves: list[Move], record: dict[str, Any]) -> None:
         fields = await self._fields([m.session_id for m in moves], {})
-        limit = asyncio.Semaphore(self._settings.drain_concurrency)
 
-        async def one(move: Move) -> None:
-            async with limit:
-                moved, _ = await self.move(move, fields[move.session_id])
-                record["moved" if moved else "failed"] += 1
+        def count(_move: Move, moved: bool, _why: str) -> None:
+            record["moved" if moved else "failed"] += 1
 
         started = time.monotonic()
-        await asyncio.gather(*(one(m) for m in moves))
+        await self._run_moves(moves, fields, count)
         record["done"] = True
         record["seconds"] = round(time.monotonic() - started, 3)
         log.info(
@@ -389,9 +399,6 @@ class Drainer:
         self._jobs.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("drain job failed", exc_info=task.exception())
-
-    def busy(self) -> bool:
-        return bool(self._jobs)
 
     async def close(self) -> None:
         for task in list(self._jobs):

@@ -311,6 +311,7 @@ class Restorer:
     def status(self) -> dict[str, Any]:
         return {
             "enabled": self.enabled,
+            "leading": self.leading,  # this replica holds the restore lock now
             "queued": len(self._queue),
             "restoring": len(self._attempts.starting),
             "counts": dict(self.counts),

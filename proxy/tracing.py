@@ -23,6 +23,7 @@ log = logging.getLogger("session_proxy.tracing")
 TRACER: Any = None
 _PROPAGATOR: Any = None
 _API: Any = None  # the opentelemetry.trace module, imported once tracing is on
+_PROVIDER: Any = None  # the tracer provider configure() made
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -43,7 +44,7 @@ def wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
 
 def configure(exporter: Any = None, sampler: Any = None) -> bool:
     """Set tracing up from the environment (or with ``exporter``, for tests); True when on."""
-    global TRACER, _PROPAGATOR, _API
+    global TRACER, _PROPAGATOR, _API, _PROVIDER
     if exporter is None and not wanted():
         TRACER = None
         return False
@@ -71,6 +72,7 @@ def configure(exporter: Any = None, sampler: Any = None) -> bool:
     TRACER = provider.get_tracer("session-proxy")
     _PROPAGATOR = TraceContextTextMapPropagator()
     _API = trace
+    _PROVIDER = provider
     trace.set_tracer_provider(provider)
     return True
 
@@ -87,11 +89,9 @@ def _exporter_from_env() -> Any:
 
 
 def shutdown() -> None:
-    from opentelemetry import trace
-
-    provider = trace.get_tracer_provider()
-    if hasattr(provider, "shutdown"):
-        provider.shutdown()
+    """Export what the batch processor still holds (blocks: call it off the event loop)."""
+    if _PROVIDER is not None:
+        _PROVIDER.shutdown()
 
 
 # --- spans ----------------------------------------------------------------------------------------
