@@ -10,9 +10,12 @@ source "$here/deps-php.sh"
 source "$here/deps-postgres.sh"
 # shellcheck source=scripts/deps-redis.sh
 source "$here/deps-redis.sh"
+# shellcheck source=scripts/deps-prometheus.sh
+source "$here/deps-prometheus.sh"
 
 ensure_services() {
   ensure_php
   ensure_postgres
   ensure_redis
+  ensure_prometheus
 }
