@@ -1284,6 +1284,13 @@ class Bench:
                     f"{counts['unreachable']:,}, unknown {counts['unknown']:,}; unreachable "
                     f"instances {len(report['unreachable_instances'])}"
                 )
+                if report.get("timings"):
+                    # The pass's parts (lists and row read run at once).
+                    self.note(
+                        "  parts: "
+                        + ", ".join(f"{k} {v:.2f} s" for k, v in report["timings"].items())
+                        + f"; JSON report {result['bytes'] / 1e6:.2f} MB"
+                    )
                 if report["unreachable_instances"]:
                     first = sorted(report["unreachable_instances"].items())[:3]
                     self.note(f"  unreachable instances (first 3): {first}")
@@ -1391,7 +1398,13 @@ def run_reconcile(env: dict[str, str], timeout: float) -> dict[str, Any]:
         report = json.loads(done.stdout)
     except ValueError:
         return {"report": None, "error": f"exit {done.returncode}: {done.stderr[-500:]}"}
-    return {"report": report, "wall": wall, "cpu": cpu, "exit": done.returncode}
+    return {
+        "report": report,
+        "wall": wall,
+        "cpu": cpu,
+        "exit": done.returncode,
+        "bytes": len(done.stdout),
+    }
 
 
 def reconcile_lines(replica: Replica) -> list[dict[str, Any]]:

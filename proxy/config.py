@@ -391,6 +391,10 @@ class Settings:
         _route_timeouts,
     )
     discovery_timeout: float = _setting(3.0, _seconds(0.001))
+    # The proxy's own list calls (reconcile's inventory, fleet snapshots, start polls): an
+    # instance holding thousands of sessions takes seconds to list them, far past a status
+    # probe's DISCOVERY_TIMEOUT; a snapshot is awaited by lookups, so not the 65 s of clients'.
+    list_timeout: float = _setting(30.0, _seconds(0.001))
     # Limits
     max_body_size: int = _setting(64 * 1024 * 1024, _size)
     replay_body_limit: int = _setting(1024 * 1024, _size)

@@ -129,6 +129,8 @@ class Discovery:
         self._instances = instances
         self._client = client
         self._timeouts = Timeouts(settings.connect_timeout, settings.discovery_timeout)
+        # A list of thousands of sessions is not a status probe (LIST_TIMEOUT).
+        self._list_timeouts = Timeouts(settings.connect_timeout, settings.list_timeout)
         self._key_query = "?api_key=" + quote(settings.api_key, safe="") if settings.api_key else ""
         self._bucket = TokenBucket(settings.rediscovery_rate, max(1.0, settings.rediscovery_rate))
         self._snapshot_interval = settings.snapshot_interval
@@ -299,8 +301,13 @@ class Discovery:
         started = time.monotonic()
         inventory = Inventory()
         asked = [i for i in self._instances.all if not i.draining]
-        for answer in await self.ask_lists(asked, self._key_query, self._timeouts):
-            url = answer.instance.url
+
+        async def one(instance: Instance) -> None:
+            # Each list parsed as soon as it is read, while the others are still coming: at
+            # 100 lists of 10,000 sessions the parse is a second of CPU that would otherwise
+            # start only after the slowest instance answered.
+            answer = (await self.ask_lists([instance], self._key_query, self._list_timeouts))[0]
+            url = instance.url
             document = answer.document
             if answer.error is not None:
                 inventory.failed[url] = answer.error.detail
@@ -309,12 +316,18 @@ class Discovery:
             else:
                 sessions = document.get("sessions")
                 inventory.sessions[url] = sessions if isinstance(sessions, list) else []
+
+        await asyncio.gather(*(one(i) for i in asked))
+        # In the instance set's order, as before, whatever order the answers came in.
+        inventory.sessions = {
+            i.url: inventory.sessions[i.url] for i in asked if i.url in inventory.sessions
+        }
         inventory.seconds = time.monotonic() - started
         return inventory
 
     async def sessions_on(self, instance: Instance) -> list[dict[str, Any]]:
         """The sessions one instance holds now (its list, asked with the proxy's own key)."""
-        answer = (await self.ask_lists([instance], self._key_query, self._timeouts))[0]
+        answer = (await self.ask_lists([instance], self._key_query, self._list_timeouts))[0]
         if answer.error is not None:
             raise answer.error
         document = answer.document

@@ -12,6 +12,12 @@ Two things make it safe under load. Concurrent misses for one session share one 
 flight), so a burst for a session nobody knows yet costs the fleet one round of probes. Unknown
 sessions are remembered for a short time (negative entries), so a flood of random ids costs
 nothing after the first.
+
+With Redis, single flight spans replicas: the replica that looks a session up first holds a short
+lease (``session-proxy-lookup:<id>``, SET NX PX); the others poll the table key for what it
+writes, and look the session up themselves only when the lease runs out or Redis fails. Owners
+are written through to the in-process table as well (and copied there on a shared hit), so a
+Redis outage does not make every replica learn every session again from the fleet.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -38,6 +45,12 @@ _NEGATIVE = metrics.TABLE_LOOKUPS.labels("negative")
 
 SHARED_TIMEOUT = 0.25  # seconds a shared-table call may take before the local one answers
 SHARED_RETRY_AFTER = 2.0  # seconds the shared table is left alone after a failure
+NAMESPACE = "session-proxy"  # table keys: session-proxy:<session id>
+LEASE_NAMESPACE = "session-proxy-lookup"  # lookup leases, outside the table's key space
+LEASE_SECONDS = 2.0  # a lookup lease's life: longer than a probe round usually takes
+LEASE_POLL = 0.02  # seconds between looks at the table key while another replica looks up
+# Compare-and-delete: a lease that ran out and was taken by another replica is not ours to end.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
 
 
 def make_cache(url: str) -> Any:
@@ -61,7 +74,7 @@ def make_cache(url: str) -> Any:
         port=parts.port or 6379,
         db=db,
         password=parts.password,
-        namespace="session-proxy",
+        namespace=NAMESPACE,
         timeout=SHARED_TIMEOUT,
         ssl=parts.scheme == "rediss",
     )
@@ -94,6 +107,12 @@ class LocalTable:
             self._next_sweep = now + SWEEP_EVERY
             for stale in [k for k, (_, expires) in self._entries.items() if expires < now]:
                 del self._entries[stale]
+
+    def remember(self, key: str, value: str, ttl: float) -> None:
+        """Keep a copy of what the shared table says, rewriting only what differs."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != value:
+            self._entries[key] = (value, time.monotonic() + ttl)
 
     async def delete(self, key: str) -> int:
         return 1 if self._entries.pop(key, None) is not None else 0
@@ -131,6 +150,8 @@ class RoutingTable:
         self._shared_down_until = 0.0
         self.hits = 0
         self.misses = 0
+        self.lookups = 0  # lookups this process ran itself
+        self.shared_answers = 0  # lookups answered by another replica's, through the lease
 
     @property
     def cache(self) -> Any:
@@ -146,14 +167,17 @@ class RoutingTable:
         try:
             return await getattr(cache, operation)(*args, **kwargs)
         except self._shared_errors as exc:  # the shared table failed: answer locally
-            if time.monotonic() >= self._shared_down_until:
-                log.warning(
-                    "shared routing table failed; using the local table",
-                    extra={"error": f"{type(exc).__name__}: {exc}", "retry_in": SHARED_RETRY_AFTER},
-                )
-            self._shared_down_until = time.monotonic() + SHARED_RETRY_AFTER
-            metrics.CACHE_FALLBACKS.inc()
+            self._shared_failed(exc)
             return await getattr(self.local, operation)(*args, **kwargs)
+
+    def _shared_failed(self, exc: BaseException) -> None:
+        if time.monotonic() >= self._shared_down_until:
+            log.warning(
+                "shared routing table failed; using the local table",
+                extra={"error": f"{type(exc).__name__}: {exc}", "retry_in": SHARED_RETRY_AFTER},
+            )
+        self._shared_down_until = time.monotonic() + SHARED_RETRY_AFTER
+        metrics.CACHE_FALLBACKS.inc()
 
     @property
     def shared_up(self) -> bool | None:
@@ -167,6 +191,9 @@ class RoutingTable:
             value = await self.local.get(session_id)
         else:
             value = await self._call("get", session_id)
+            if value is not None and value != NEGATIVE and self.cache is self.shared:
+                # Known here too, should Redis go away (one dict write when it changed).
+                self.local.remember(session_id, value, self.ttl)
         if value is None:
             self.misses += 1
             _MISS.inc()
@@ -179,6 +206,10 @@ class RoutingTable:
 
     async def put(self, session_id: str, url: str) -> None:
         await self._call("set", session_id, url, ttl=self.ttl)
+        if self.shared is not None:
+            # Written through: after a Redis outage the replica still knows its owners. (Only
+            # owners: a stale one costs one 404 and a rediscovery, and forget clears both.)
+            await self.local.set(session_id, url, ttl=self.ttl)
 
     async def put_negative(self, session_id: str) -> None:
         if self.negative_ttl > 0:
@@ -220,7 +251,8 @@ class RoutingTable:
     async def single_flight(
         self, session_id: str, lookup: Callable[[], Awaitable[str | None]]
     ) -> str | None:
-        """Run ``lookup`` once for all concurrent callers asking about ``session_id``."""
+        """Run ``lookup`` once for all concurrent callers asking about ``session_id``: in this
+        process, and with Redis across every replica sharing it (``_across_replicas``)."""
         pending = self._inflight.get(session_id)
         if pending is not None:
             try:
@@ -233,7 +265,7 @@ class RoutingTable:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._inflight[session_id] = future
         try:
-            result = await lookup()
+            result = await self._across_replicas(session_id, lookup)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -248,6 +280,70 @@ class RoutingTable:
         finally:
             if self._inflight.get(session_id) is future:
                 del self._inflight[session_id]
+
+    async def _across_replicas(
+        self, session_id: str, lookup: Callable[[], Awaitable[str | None]]
+    ) -> str | None:
+        """With a shared table that is up: take the session's lookup lease and run ``lookup``,
+        or, while another replica holds it, wait for what that one writes to the table. Redis
+        failing, or the lease running out without an answer, means looking it up here."""
+        deadline = time.monotonic() + LEASE_SECONDS
+        token = secrets.token_hex(8)
+        while self.cache is self.shared and time.monotonic() < deadline:
+            try:
+                leased = await self._lease(session_id, token)
+            except self._shared_errors as exc:
+                self._shared_failed(exc)
+                break
+            if leased:
+                try:
+                    return await self._run(lookup)
+                finally:
+                    await self._release(session_id, token)
+            answered, value = await self._await_holder(session_id, deadline)
+            if answered:
+                self.shared_answers += 1
+                return value
+            # The lease ended without an answer (the holder's lookup failed, or found nothing
+            # it could remember): take it ourselves, or wait for whoever took it first.
+        return await self._run(lookup)
+
+    async def _run(self, lookup: Callable[[], Awaitable[str | None]]) -> str | None:
+        self.lookups += 1
+        return await lookup()
+
+    async def _lease(self, session_id: str, token: str) -> bool:
+        try:
+            await self.shared.add(session_id, token, ttl=LEASE_SECONDS, namespace=LEASE_NAMESPACE)
+        except ValueError:  # aiocache's word for "SET NX found the key": another replica has it
+            return False
+        return True
+
+    async def _release(self, session_id: str, token: str) -> None:
+        key = f"{LEASE_NAMESPACE}:{session_id}"
+        with contextlib.suppress(Exception):  # it runs out by itself within LEASE_SECONDS
+            await asyncio.shield(self.shared.raw("eval", _RELEASE, 1, key, token))
+
+    async def _await_holder(self, session_id: str, deadline: float) -> tuple[bool, str | None]:
+        """Poll the table key while another replica holds the lease: (True, its owner, or None
+        for a remembered unknown) once the holder wrote it; (False, None) once the lease is
+        gone without an answer, has run out, or Redis failed."""
+        keys = [f"{NAMESPACE}:{session_id}", f"{LEASE_NAMESPACE}:{session_id}"]
+        while time.monotonic() < deadline:
+            await asyncio.sleep(LEASE_POLL)
+            try:
+                value, lease = await self.shared.multi_get(keys, namespace="")
+            except self._shared_errors as exc:
+                self._shared_failed(exc)
+                return False, None
+            if value is not None:
+                if value == NEGATIVE:
+                    return True, None
+                self.local.remember(session_id, value, self.ttl)
+                return True, value
+            if lease is None:
+                return False, None
+        return False, None
 
     async def close(self) -> None:
         await self.local.close()

@@ -136,3 +136,12 @@ def test_a_missing_redis_package_stops_start_up_naming_the_variable(tmp_path: Pa
     assert done.returncode == 2, done.stderr
     assert "SESSION_PROXY_CACHE_URL" in done.stderr and "redis" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_list_calls_have_a_timeout_of_their_own() -> None:
+    """LIST_TIMEOUT: a list of thousands of sessions is not a 3 s status probe."""
+    settings = load_settings({})
+    assert settings.list_timeout == 30.0 and settings.discovery_timeout == 3.0
+    assert load_settings({"SESSION_PROXY_LIST_TIMEOUT": "12.5"}).list_timeout == 12.5
+    with pytest.raises(ConfigError, match="SESSION_PROXY_LIST_TIMEOUT"):
+        load_settings({"SESSION_PROXY_LIST_TIMEOUT": "soon"})

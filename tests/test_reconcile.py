@@ -243,3 +243,35 @@ def test_reconcile_json_report_shape(
     assert code == 0
     assert report["counts"]["verified"] == sessions
     assert set(report) >= {"started_at", "dry_run", "skipped", "seconds", "instances", "counts"}
+
+
+def test_counts_are_exact_and_lists_are_capped(tmp_path: Path, pg_database: TempDatabase) -> None:
+    """A million-session report must not carry a million ids: every class is counted exactly,
+    and lists at most its first 1,000 rows (the report says so)."""
+    a = Simulator.start(tmp_path, "a", sessions=[f"c{k}" for k in range(3000)], api_key=API_KEY)
+    b = Simulator.start(tmp_path, "b", api_key=API_KEY)
+    try:
+        migrate(pg_database.url, "--create-table")
+        add_rows(
+            pg_database,
+            {f"c{k}": laravel_form(a if k % 2 else b) for k in range(3000)}
+            | {f"gone{k}": laravel_form(b) for k in range(1200)},
+        )
+        code, out = run_reconcile(pg_database.url, [a.url, b.url], "--dry-run", "--json")
+        text_code, text = run_reconcile(pg_database.url, [a.url, b.url], "--dry-run")
+    finally:
+        a.stop()
+        b.stop()
+    assert code == 0 and text_code == 0, out
+    report = report_of(out)
+    assert report["counts"] == {
+        "verified": 1500,
+        "moved": 1500,
+        "unreachable": 1200,
+        "duplicated": 0,
+        "unknown": 0,
+    }
+    assert [len(report[name]) for name in ("verified", "moved", "unreachable")] == [1000] * 3
+    assert report["lists_capped"] is True and report["listed_per_class"] == 1000
+    assert len(set(report["verified"])) == 1000
+    assert "counts are exact" in text and "moved (first 20 of 1500)" in text

@@ -164,3 +164,48 @@ async def test_a_bug_in_the_shared_table_is_not_hidden_as_an_outage() -> None:
     routes = RoutingTable(BrokenShared(TypeError("a programming error")))
     with pytest.raises(TypeError):
         await routes.put("s1", "http://a:1")
+
+
+class WorkingShared:
+    """A shared table that works until it is told to fail like a Redis that went away."""
+
+    namespace = "session-proxy"
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionRefusedError("redis is down")
+
+    async def get(self, key: str) -> str | None:
+        self._check()
+        return self.values.get(key)
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        self._check()
+        self.values[key] = value
+
+    async def delete(self, key: str) -> int:
+        self._check()
+        return 1 if self.values.pop(key, None) is not None else 0
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_owners_outlive_an_outage_of_the_shared_table() -> None:
+    """What a replica learned or read while Redis was up, it still knows when Redis dies; a
+    forgotten entry is forgotten in both."""
+    shared = WorkingShared()
+    routes = RoutingTable(shared)
+    await routes.put("learned", "http://a:1")
+    shared.values["read"] = "http://b:2"  # written by another replica
+    assert await routes.get("read") == "http://b:2"
+    await routes.put("forgotten", "http://c:3")
+    await routes.forget("forgotten")
+    shared.down = True
+    assert await routes.get("learned") == "http://a:1"
+    assert await routes.get("read") == "http://b:2"
+    assert await routes.get("forgotten") is None
