@@ -39,6 +39,7 @@ T = TypeVar("T")
 LOCK_NAME = "session-proxy-reconcile"
 LOOKUP_TIMEOUT = 1.0
 STATEMENT_TIMEOUT = 30.0
+FORGET_AT_ONCE = 256  # notified sessions forgotten concurrently (Redis round trips overlap)
 
 Invalidate = Callable[[str | None], Awaitable[None]]  # a session id, or None for "everything"
 
@@ -168,7 +169,9 @@ class Store:
         self._columns = Columns()
         self._pending: OrderedDict[str, str] = OrderedDict()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._notified: set[str] = set()  # session ids NOTIFY named, not yet forgotten
+        self._forgetting: asyncio.Task[None] | None = None
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -676,10 +679,32 @@ class Store:
             backoff = min(backoff * 2, 5.0)
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        if self.invalidate is not None and payload:
-            task: asyncio.Task[None] = asyncio.ensure_future(self.invalidate(payload))
-            self._tasks.append(task)
-            task.add_done_callback(self._tasks.remove)
+        # A reconcile that corrects 100,000 rows makes the trigger send 100,000 notifications
+        # to every replica. A task for each (and a list of them) held the loop for seconds;
+        # instead they gather in a set and one task forgets them, FORGET_AT_ONCE at a time.
+        if self.invalidate is None or not payload:
+            return
+        self._notified.add(payload)
+        if self._forgetting is None:
+            task = self._forgetting = asyncio.ensure_future(self._forget_notified())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _forget_notified(self) -> None:
+        assert self.invalidate is not None
+        try:
+            while self._notified:
+                batch = [
+                    self._notified.pop() for _ in range(min(FORGET_AT_ONCE, len(self._notified)))
+                ]
+                results = await asyncio.gather(
+                    *(self.invalidate(sid) for sid in batch), return_exceptions=True
+                )
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    log.warning("could not forget %d changed sessions: %r", len(failed), failed[0])
+        finally:
+            self._forgetting = None
 
     # --- migrations ------------------------------------------------------------------------------
 
