@@ -244,7 +244,11 @@ def test_a_large_body_is_scanned_for_its_session_id_without_holding_the_loop(
         f"meanwhile, the slowest {worst * 1000:.0f} ms"
     )
     assert_own_error(r.status_code, r.headers, r.content, (400, "bad-session-id"))
-    assert worst < 0.4
+    # Held on the loop, the scan stalled every other request for all of it (over a second on a
+    # quiet machine). Off the loop, the worst stall is the machine's scheduling: 0.4 s on a quiet
+    # one; on a loaded one the scan itself takes many seconds (14 s once here, 2 cores at load 5)
+    # and the stall may reach a fraction of that, never the whole of it.
+    assert worst < max(0.4, took / 4)
 
     message = "x" * (4 << 20)
     upload = json.dumps(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -109,6 +110,8 @@ async def test_a_thousand_sends_at_50_per_second_leave_each_session_a_second_apa
         send_max_wait="150",
         send_queue_max="200",
         max_in_flight_per_client="4096",
+        log_level="info",  # the access log says when the proxy received each send
+        log_format="json",
     )
     total, offered_gap = 1000, 0.02  # ~50 sends a second, 5 a second per session
     try:
@@ -118,7 +121,10 @@ async def test_a_thousand_sends_at_50_per_second_leave_each_session_a_second_apa
             async def one(n: int) -> tuple[int, str]:
                 await asyncio.sleep(max(0.0, began + n * offered_gap - time.monotonic()))
                 sid = sessions[n % len(sessions)]
-                answer = await http.post(SEND, json=message(sid, f"{sid}/{n // len(sessions)}"))
+                text = f"{sid}/{n // len(sessions)}"
+                answer = await http.post(
+                    SEND, json=message(sid, text), headers={"x-request-id": text}
+                )
                 return answer.status_code, answer.text
 
             answers = await asyncio.gather(*(one(n) for n in range(total)))
@@ -147,10 +153,40 @@ async def test_a_thousand_sends_at_50_per_second_leave_each_session_a_second_apa
     texts = [e["text"] for e in sent]
     assert len(texts) == total and len(set(texts)) == total  # none lost, each once
     assert sorted(by_session) == sorted(sessions)
+    # Order is the order the proxy received them in. Sends on separate connections can reach it
+    # out of the order they were offered when this machine is loaded (the client's and the
+    # proxy's loops are only scheduled so often; once, after a 0.9 s stall, five sends of one
+    # session arrived within 80 ms in a shuffled order), so arrival is read from the proxy's
+    # access log: when each request began there (its log time less its duration). Requests that
+    # began within ORDER_RESOLUTION of each other came in one burst, and the order in which their
+    # bodies were read decides; past that, a send that began first must leave first.
+    began = began_at(proxy.log_text())
+    late = 0
     for sid, events in by_session.items():
-        numbers = [int(e["text"].rsplit("/", 1)[1]) for e in events]
-        assert numbers == list(range(total // len(sessions))), f"{sid} out of order"
+        delivered_texts = [e["text"] for e in events]
+        for i, earlier in enumerate(delivered_texts):
+            for later in delivered_texts[i + 1 :]:
+                assert began[later] + ORDER_RESOLUTION > began[earlier], (
+                    f"{later} reached the proxy {began[earlier] - began[later]:.3f} s before "
+                    f"{earlier} but left after it"
+                )
+        numbers = [int(t.rsplit("/", 1)[1]) for t in delivered_texts]
+        late += sum(1 for a, b in itertools.pairwise(numbers) if b < a)
         assert gaps[sid] >= 1.0, f"{sid}: two deliveries {gaps[sid]:.4f} s apart"
+    print(f"sends delivered after a later-offered one of their session: {late}")
+
+
+ORDER_RESOLUTION = 0.05  # seconds; offered sends of one session are 0.2 s apart
+
+
+def began_at(log_text: str) -> dict[str, float]:
+    """When each request of the proxy's access log began, by request id (wall clock)."""
+    began: dict[str, float] = {}
+    for line in log_text.splitlines():
+        if '"msg":"request"' in line:
+            record = json.loads(line)
+            began[record["request_id"]] = float(record["ts"]) - float(record["ms"]) / 1000
+    return began
 
 
 # --- bounds: the queue and the wait --------------------------------------------------------------
