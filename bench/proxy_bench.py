@@ -2,7 +2,10 @@
 
     .venv/bin/python bench/proxy_bench.py [--duration S] [--rounds N] [--quick] [--workers N]
                                           [--json PATH] [--with-reconcile] [--source DIR]
-                                          [--aiohttp] [--tracing] [--skip-memory]
+                                          [--aiohttp] [--tracing] [--skip-memory] [--repeat N]
+                                          [--paced-rate R] [--paced-seconds S] [--paced-rounds N]
+                                          [--no-paced] [--no-floors] [--no-layers]
+                                          [--no-snapshot]
 
 One run starts, all on 127.0.0.1 and all torn down at exit:
 
@@ -11,22 +14,31 @@ One run starts, all on 127.0.0.1 and all torn down at exit:
   own 404 "Session not found"), ports R0..R19 serve the memory fill and the rediscovery timing;
 - the bar: nginx as a reverse proxy (1 worker, upstream keepalive 64), routing path-addressed
   requests by session parity with a ``map`` and body-addressed ones round robin;
-- session-proxy (``python -m proxy serve``), its routing table warmed for every load session.
+- session-proxy (``python -m proxy serve``), its routing table warmed for every load session;
+- the floors (``bench/floors.py``): uvicorn alone answering a fixed 200 JSON, and uvicorn plus
+  the proxy's own upstream client forwarding to port A, both with the proxy's uvicorn settings;
+- the optional layers, each a session-proxy of its own: metrics off (a setting if the proxy has
+  one, else its prometheus_client calls stubbed), the access log on (``LOG_LEVEL=info``), and
+  tracing off / 1% / 100% (OpenTelemetry, exporting to a sink the bench runs).
 
-wrk (``-t 2``, ``-c 8`` and ``-c 64``) then drives direct / nginx / proxy in alternating rounds
-with GETs (``/api/sessions/<id>/status``) and ~1 KB POSTs (``/api/messages/send``), and the
-CPU each target spent (utime+stime of its whole process tree, from /proc) is divided by the
-requests wrk counted. Medians of the rounds are printed, then the routing table's memory for
-100,000 sessions and the time of one rediscovery across 20 instances.
+wrk (``-t 2``, ``-c 8`` and ``-c 64``; the layers at ``-c 8``) then drives every target in
+rounds, the targets in reverse order every other round, with GETs
+(``/api/sessions/<id>/status``) and ~1 KB POSTs (``/api/messages/send``), and the CPU each
+target spent (utime+stime of its whole process tree, from /proc) is divided by the requests
+wrk counted; medians of the rounds. Then an open-loop pacer (``bench/pacer.py``) sends 1,000
+requests a second over 8 connections to direct, nginx and the proxy, in short alternating
+rounds, for p50/p99 from each request's scheduled time and the p99 each adds over direct.
+Everything the issue asks for is printed again as one table at the end (ratio against 5x,
+added p99 against 1 ms: PASS/FAIL, or NOISY when the pacer's own lateness is over 1 ms);
+``--repeat 2`` runs it all twice, with fresh processes, and sets each figure of the second run
+against the first's (flagged beyond 15%). Every proxy runs from a copy of proxy/ taken at start
+(``--no-snapshot``: from the tree), so that edits made meanwhile cannot split the runs. Then, unless
+``--skip-memory``, the routing table's memory for 100,000 sessions and the time of one
+rediscovery across 20 instances.
 
-``--tracing`` adds three more session-proxy processes to the same rounds, with OpenTelemetry
-tracing (``proxy/tracing.py``) off (``OTEL_SDK_DISABLED=true`` with every other variable of the
-"on" ones set), on with 100% sampling (``always_on``) and on with 1% (``traceidratio`` 0.01),
-all exporting (BatchSpanProcessor, OTLP/HTTP protobuf) to a sink the bench runs in a process of
-its own (its CPU is not the proxy's); then compares them with the plain proxy of the same run
-and profiles one more off, 1% and 100% proxy each with a sampling profiler of its own (SIGPROF).
-``--skip-memory`` leaves out the memory fill and the rediscovery timing (they do not touch the
-tracing code), to keep such a run short.
+``--tracing`` also runs the three tracing proxies at c64, counts what they export against what
+was sent, and profiles one more off, 1% and 100% proxy each with a sampling profiler of its own
+(SIGPROF). Where a plain proxy's CPU goes: ``bench/profile.py`` (py-spy).
 """
 
 from __future__ import annotations
@@ -56,12 +68,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT  # where ``python -m proxy`` runs from (--source): compare a copy with the tree
+SOURCE_NOTE = ""  # where SOURCE came from, when it is a snapshot
 HOST = "127.0.0.1"
 LOAD_SESSIONS = [f"s-{k:04d}" for k in range(100)]  # even last digit on port A, odd on port B
 REDISCOVERY_INSTANCES = 20
 REDISCOVERY_IDS = 20
 FILL_SESSIONS = 100_000
 FILL_CONNECTIONS = 8
+SPARE_PORTS = 8
 # 967 characters: with the field names the real instance reads, the body stays 1,057 bytes.
 MESSAGE = ("Hello from the benchmark, this is a message of about one kilobyte. " * 15)[:967]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -272,14 +286,20 @@ class Ports:
     aiohttp_proxy: int = 0  # session-proxy with aiohttp as its upstream client (--aiohttp)
     tracing: list[int] = field(default_factory=list)  # the --tracing proxies, then the profiled
     otlp_sink: int = 0  # the OTLP/HTTP sink the --tracing proxies export to
+    spare: list[int] = field(default_factory=list)  # floors, layers: taken with ``take``
 
     @classmethod
     def pick(cls) -> Ports:
         extra = 2 * len(TRACING_VARIANTS) + 1
-        p = free_ports(8 + extra + REDISCOVERY_INSTANCES)
-        ports = cls(p[0], p[1], p[8 + extra :], p[2], p[3], p[4], p[5], p[6], p[7])
+        p = free_ports(8 + extra + REDISCOVERY_INSTANCES + SPARE_PORTS)
+        fleet_end = 8 + extra + REDISCOVERY_INSTANCES
+        ports = cls(p[0], p[1], p[8 + extra : fleet_end], p[2], p[3], p[4], p[5], p[6], p[7])
         ports.tracing, ports.otlp_sink = p[8 : 8 + extra - 1], p[8 + extra - 1]
+        ports.spare = p[fleet_end:]
         return ports
+
+    def take(self) -> int:
+        return self.spare.pop()
 
 
 def _nginx_main(prefix: Path, http_body: str) -> str:
@@ -431,10 +451,13 @@ def start_proxy(
     workers: int,
     launcher: Sequence[str] = ("-m", "proxy", "serve"),
     otel: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
     **extra: str,
 ) -> subprocess.Popen[bytes]:
     """A session-proxy process; ``otel`` are its OTEL_* variables (none are inherited, so that
-    a shell's tracing settings cannot turn tracing on in the proxies measured without it)."""
+    a shell's tracing settings cannot turn tracing on in the proxies measured without it);
+    ``wrapper`` goes before the interpreter (``py-spy record ... --``); ``extra`` are settings
+    (``log_level="info"``: SESSION_PROXY_LOG_LEVEL=info)."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -453,7 +476,7 @@ def start_proxy(
     env |= {f"SESSION_PROXY_{k.upper()}": v for k, v in extra.items()}
     env["PYTHONPATH"] = str(SOURCE)
     log = work / f"{name}.log"
-    proc = spawn([sys.executable, *launcher], log, env, cwd=SOURCE)
+    proc = spawn([*wrapper, sys.executable, *launcher], log, env, cwd=SOURCE)
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:
@@ -692,6 +715,8 @@ class Target:
     name: str
     port: int  # where wrk sends (for the upstream: its stub_status port)
     pid: int  # the process tree whose CPU is counted
+    connections: tuple[int, ...] = (8, 64)  # the concurrencies it is measured at
+    one_port: bool = False  # sends only ids port A holds (direct, and the floors: no routing)
 
 
 def measure_once(
@@ -744,33 +769,37 @@ def median_cell(runs: list[Run]) -> Cell:
     )
 
 
+DIRECT_IDS = [sid for sid in LOAD_SESSIONS if _even(sid)]  # all held by port A
+
+
 def load_matrix(
     work: Path,
     targets: list[Target],
     upstream: Target,
     duration: float,
     rounds: int,
-    alternate: bool = False,
+    alternate: bool = True,
 ) -> list[Cell]:
     """Every shape and concurrency, the targets one after another inside each round (with
     ``alternate``, in reverse order every other round, so that no target always runs right
-    after the same other one)."""
-    direct_ids = [sid for sid in LOAD_SESSIONS if _even(sid)]  # all held by port A
+    after the same other one, and a load that comes and goes on the machine is spread over all
+    of them); a target only at the concurrencies it lists."""
     scripts: dict[tuple[str, str], Path] = {}
     names = [target.name for target in targets]
-    for name in names:
-        ids = direct_ids if name == "direct" else LOAD_SESSIONS
+    for target in targets:
+        ids = DIRECT_IDS if target.one_port else LOAD_SESSIONS
         for shape, text in (("GET", lua_get(ids)), ("POST", lua_post(ids))):
-            path = work / f"{name}-{shape}.lua"
+            path = work / f"{target.name}-{shape}.lua"
             path.write_text(text)
-            scripts[name, shape] = path
+            scripts[target.name, shape] = path
     runs: dict[tuple[str, str, int], list[Run]] = {}
-    total = rounds * len(SHAPES) * 2 * len(targets)
+    total = rounds * len(SHAPES) * sum(len(t.connections) for t in targets)
     done = 0
     for round_no in range(rounds):
         for shape in SHAPES:
             for connections in (8, 64):
-                for target in targets[::-1] if alternate and round_no % 2 else targets:
+                order = targets[::-1] if alternate and round_no % 2 else targets
+                for target in (t for t in order if connections in t.connections):
                     script = scripts[target.name, shape]
                     run = measure_once(target, shape, connections, upstream, script, duration)
                     runs.setdefault((target.name, shape, connections), []).append(run)
@@ -786,7 +815,7 @@ def load_matrix(
         direct = cells["direct", shape, connections]
         cell.added_p50_ms = cell.p50_ms - direct.p50_ms
         cell.added_p99_ms = cell.p99_ms - direct.p99_ms
-    return [cells[t, s, c] for s in SHAPES for c in (8, 64) for t in names]
+    return [cells[t, s, c] for s in SHAPES for c in (8, 64) for t in names if (t, s, c) in cells]
 
 
 # --- memory and rediscovery ----------------------------------------------------------------------
@@ -956,7 +985,11 @@ def progress(text: str) -> None:
 
 def print_report(report: dict[str, Any]) -> None:
     s = report["settings"]
+    m = report["machine"]
     print(f"session-proxy benchmark, {report['date']}, {s['cpus']} CPUs, loopback")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}")
+    print(f"uptime at start: {s['uptime_start']}")
+    print(f"uptime at end:   {s['uptime_end']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     print(
         f"wrk -t2, {s['duration_s']} s per run, {s['rounds']} rounds (medians), "
@@ -976,7 +1009,7 @@ def print_report(report: dict[str, Any]) -> None:
         "same concurrency (direct p99 is noisy: wrk and nginx share 2 cores)\n"
     )
     head = (
-        f"{'shape':<5} {'conc':>4} {'target':<7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'shape':<5} {'conc':>4} {'target':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU us/req':>10} {'upstream us':>11} "
         f"{'up conns':>8} {'errors':>6}"
     )
@@ -989,20 +1022,28 @@ def print_report(report: dict[str, Any]) -> None:
             else (f"{c['added_p50_ms']:.2f}", f"{c['added_p99_ms']:.2f}")
         )
         print(
-            f"{c['shape']:<5} {'c' + str(c['connections']):>4} {c['target']:<7} {c['rps']:>8,.0f} "
+            f"{c['shape']:<5} {'c' + str(c['connections']):>4} {c['target']:<10} {c['rps']:>8,.0f} "
             f"{c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} {added[0]:>8} {added[1]:>8} "
             f"{c['cpu_us']:>10,.0f} {c['upstream_cpu_us']:>11,.0f} "
             f"{c['upstream_conns']:>8,.0f} {c['errors']:>6}"
         )
-    print("\nCPU per request, session-proxy / nginx")
+    print(f"\nCPU per request, session-proxy / nginx (goal: at most {CPU_GOAL:g}x)")
     print(
         f"{'shape':<5} {'conc':>4} {'nginx us':>9} {'proxy us':>9} {'ratio':>6} {'rps ratio':>10}"
+        f" {'verdict':>7}"
     )
     for r in report["ratios"]:
         print(
             f"{r['shape']:<5} {'c' + str(r['connections']):>4} {r['nginx_cpu_us']:>9,.0f} "
             f"{r['proxy_cpu_us']:>9,.0f} {r['cpu_ratio']:>6.1f} {r['rps_ratio']:>10.2f}"
+            f" {'PASS' if r['cpu_ratio'] <= CPU_GOAL else 'FAIL':>7}"
         )
+    if any(c["target"] in dict(FLOORS) for c in report["cells"]):
+        print("floors: " + "; ".join(f"{name} = {what}" for name, what in FLOORS))
+    if report.get("paced"):
+        print_paced(report)
+    if report.get("layers") or report.get("layer_notes"):
+        print_layers(report)
     if "memory" not in report:
         print("\n(routing table memory and rediscovery not measured: --skip-memory)")
     else:
@@ -1013,6 +1054,7 @@ def print_report(report: dict[str, Any]) -> None:
         print_tracing(report)
     if "reconcile" in report:
         print("\nbench/reconcile.py --sessions 10000 100000:\n" + report["reconcile"].rstrip())
+    print_summary(report["summary"], report)
 
 
 def print_memory(report: dict[str, Any]) -> None:
@@ -1819,6 +1861,604 @@ def print_profile(p: dict[str, Any], rows: list[dict[str, Any]]) -> None:
             print(f"  {more:>+6.1f}  {function} [{area}]")
 
 
+# --- floors: uvicorn alone, uvicorn + the proxy's client (bench/floors.py) -----------------------
+
+FLOORS = (
+    ("uvicorn", "uvicorn alone answering a fixed 200 JSON (the proxy's uvicorn settings)"),
+    ("uv+client", "uvicorn + proxy.client forwarding to the upstream, no proxy logic"),
+)
+
+
+def start_floor(kind: str, port: int, work: Path, upstream_port: int) -> subprocess.Popen[bytes]:
+    log = work / f"floor-{kind}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "floors.py")]
+    cmd += ["uvicorn", str(port)] if kind == "uvicorn" else ["client", str(port)]
+    if kind != "uvicorn":
+        cmd.append(f"http://{HOST}:{upstream_port}")
+    env = dict(os.environ) | {"PYTHONPATH": str(SOURCE)}
+    proc = spawn(cmd, log, env, cwd=SOURCE)
+    try:
+        wait_listening([port], proc, log)
+        for path, body in ((f"/api/sessions/{DIRECT_IDS[0]}/status?api_key=k", None),) * 3 + (
+            ("/api/messages/send", post_body(DIRECT_IDS[0])),
+        ):
+            status, _headers, answer = http_get(port, path, body=body)
+            if status != 200:
+                raise RuntimeError(f"floor {kind}: {status} {answer[:200]!r}")
+    except (RuntimeError, OSError) as exc:
+        stop(proc)
+        raise RuntimeError(f"{exc}; log: {log.read_text()[-500:]}") from exc
+    return proc
+
+
+# --- optional layers: metrics, the access log, tracing -------------------------------------------
+
+SERVE_WITHOUT_METRICS = "--serve-without-metrics"  # argv[1] of a proxy with metrics stubbed
+
+
+def proxy_setting_names() -> list[str]:
+    """The settings of the proxy under test (``--source``), read from its own proxy/config.py."""
+    code = "from proxy.config import SETTING_NAMES; print(' '.join(SETTING_NAMES))"
+    env = dict(os.environ) | {"PYTHONPATH": str(SOURCE)}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=SOURCE,
+        timeout=60,
+    )
+    return done.stdout.split() if done.returncode == 0 else []
+
+
+def serve_without_metrics() -> int:
+    """``python -m proxy serve`` with metrics recorded nowhere: the recording methods (``inc``,
+    ``dec``, ``set``, ``observe``) of prometheus_client's metric classes and of any class
+    proxy.metrics defines, and proxy.metrics' per-request helpers (``count_*``, ``observe_*``,
+    ``record_*``), made no-ops before the app is built; every object and attribute stays as it
+    was, so the proxy runs its usual code up to the call. ``labels`` lookups are kept. What
+    metrics cost per request when there is no setting to turn them off; /metrics still answers
+    (zeros), and is not scraped during the load."""
+    import prometheus_client.metrics as pm
+
+    def nothing(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    stubbed = []
+    for cls in (pm.Counter, pm.Gauge, pm.Histogram, pm.Summary):
+        for method in ("inc", "dec", "set", "observe"):
+            if hasattr(cls, method):
+                setattr(cls, method, nothing)
+                stubbed.append(f"{cls.__name__}.{method}")
+    from proxy import metrics as proxy_metrics
+
+    for name, value in list(vars(proxy_metrics).items()):
+        if isinstance(value, type) and value.__module__ == proxy_metrics.__name__:
+            for method in ("inc", "dec", "observe"):
+                if method in vars(value):
+                    setattr(value, method, nothing)
+                    stubbed.append(f"proxy.metrics.{name}.{method}")
+        elif callable(value) and name.startswith(("count_", "observe_", "record_")):
+            setattr(proxy_metrics, name, nothing)
+            stubbed.append(f"proxy.metrics.{name}")
+    print(f"metrics stubbed: {', '.join(stubbed)}", flush=True)
+    from proxy.cli import main as proxy_main
+
+    result: int = proxy_main(["serve"])
+    return result
+
+
+@dataclass
+class Layer:
+    name: str  # the target's name in the rounds
+    what: str  # how it differs from the plain proxy
+    cost: str  # what "cost" means: layer - base, or base - layer (metrics off)
+    switch: str  # the setting that turns it on or off in production, or why there is none
+
+
+def layer_plan(tracing_available: bool) -> tuple[list[Layer], list[str]]:
+    """The optional layers this proxy has, and notes on what cannot be switched."""
+    names = set(proxy_setting_names())
+    notes: list[str] = []
+    layers: list[Layer] = []
+    metric_settings = sorted(n for n in names if "metric" in n)
+    if metric_settings:
+        setting = metric_settings[0]
+        layers.append(
+            Layer(
+                "no-metrics",
+                f"SESSION_PROXY_{setting.upper()}=off",
+                "base - no-metrics",
+                f"SESSION_PROXY_{setting.upper()}",
+            )
+        )
+    else:
+        layers.append(
+            Layer(
+                "no-metrics",
+                "prometheus_client calls stubbed by the bench (--serve-without-metrics)",
+                "base - no-metrics",
+                "none: proxy/config.py has no setting to turn metrics off",
+            )
+        )
+        notes.append(
+            "metrics cannot be switched off (no setting in proxy/config.py): their cost is "
+            "measured with the recording calls stubbed inside the bench"
+        )
+    access = sorted(n for n in names if "access" in n and "log" in n)
+    what = "SESSION_PROXY_LOG_LEVEL=info (base: warning)"
+    if access:
+        what += f", SESSION_PROXY_{access[0].upper()}=on"
+    else:
+        notes.append(
+            "the access log has no switch of its own: it is on whenever LOG_LEVEL is info or "
+            "debug (proxy/app.py checks session_proxy.access at INFO)"
+        )
+    layers.append(
+        Layer(
+            "log-info",
+            what,
+            "log-info - base",
+            "SESSION_PROXY_LOG_LEVEL" + (f", SESSION_PROXY_{access[0].upper()}" if access else ""),
+        )
+    )
+    if tracing_available:
+        for name, what, _env in TRACING_VARIANTS:
+            layers.append(Layer(name, what, f"{name} - base", "OTEL_* variables"))
+    else:
+        notes.append("tracing not measured: the tracing extra (opentelemetry-sdk) is not installed")
+    return layers, notes
+
+
+def start_layer(
+    layer: Layer, port: int, ports: Ports, work: Path, workers: int
+) -> subprocess.Popen[bytes]:
+    instances = [ports.a, ports.b]
+    if layer.name == "no-metrics":
+        if layer.switch.startswith("SESSION_PROXY_"):
+            setting = layer.switch.removeprefix("SESSION_PROXY_").lower()
+            proc = start_proxy(layer.name, port, instances, work, workers, **{setting: "off"})
+        else:
+            launcher = (str(Path(__file__).resolve()), SERVE_WITHOUT_METRICS)
+            proc = start_proxy(layer.name, port, instances, work, 1, launcher)
+    elif layer.name == "log-info":
+        extra = {"log_level": "info"}
+        if "," in layer.switch:
+            extra[layer.switch.split(", ")[1].removeprefix("SESSION_PROXY_").lower()] = "on"
+        proc = start_proxy(layer.name, port, instances, work, workers, **extra)
+    else:
+        raise ValueError(layer.name)
+    try:
+        warm(port, ports)
+    except RuntimeError:
+        stop(proc)
+        raise
+    return proc
+
+
+def layer_costs(cells: list[Cell], layers: list[Layer]) -> list[dict[str, Any]]:
+    """Per layer, shape and concurrency: its CPU per request against the plain proxy's of the
+    same rounds (the median of the round-by-round differences: each pair ran back to back)."""
+    by = {(c.target, c.shape, c.connections): c for c in cells}
+    out = []
+    for layer in layers:
+        for shape in SHAPES:
+            for conc in (8, 64):
+                cell, base = by.get((layer.name, shape, conc)), by.get(("proxy", shape, conc))
+                if cell is None or base is None:
+                    continue
+                sign = -1.0 if layer.cost.startswith("base") else 1.0
+                pairs = [
+                    sign * (r["cpu_us"] - b["cpu_us"])
+                    for r, b in zip(cell.rounds, base.rounds, strict=False)
+                ]
+                out.append(
+                    {
+                        "layer": layer.name,
+                        "what": layer.what,
+                        "switch": layer.switch,
+                        "cost": layer.cost,
+                        "shape": shape,
+                        "connections": conc,
+                        "base_cpu_us": round(base.cpu_us, 1),
+                        "layer_cpu_us": round(cell.cpu_us, 1),
+                        "cost_us": round(statistics.median(pairs), 1),
+                        "cost_rounds_us": [round(x, 1) for x in pairs],
+                        "errors": cell.errors,
+                    }
+                )
+    return out
+
+
+# --- paced latency: an open-loop schedule (bench/pacer.py) ---------------------------------------
+
+PACED_TARGETS = ("direct", "nginx", "proxy")
+
+
+def raw_requests(shape: str, ids: Sequence[str]) -> list[str]:
+    out = []
+    for sid in ids:
+        if shape == "GET":
+            out.append(f"GET /api/sessions/{sid}/status?api_key=k HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+        else:
+            body = post_body(sid)
+            out.append(
+                f"POST /api/messages/send HTTP/1.1\r\nHost: {HOST}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+            )
+    return out
+
+
+PACED_WARMUP = 0.2  # s at the start of each paced run not counted (its connections are new)
+
+
+def run_pacer(
+    port: int, requests: Path, rate: float, connections: int, seconds: float
+) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "pacer.py")]
+    cmd += [str(port), str(rate), str(connections), str(seconds + PACED_WARMUP), str(requests)]
+    cmd.append(str(PACED_WARMUP))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 40)
+    if done.returncode != 0:
+        raise RuntimeError(f"pacer failed ({done.returncode}): {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def paced_matrix(
+    work: Path, targets: list[Target], rate: float, connections: int, seconds: float, rounds: int
+) -> list[dict[str, Any]]:
+    """Each target and shape at ``rate`` requests a second over ``connections``, ``seconds``
+    counted per run (after ``PACED_WARMUP``), the targets one after the other in each round
+    and in reverse order every other round, so that a burst of load from elsewhere on the
+    machine falls on all of them alike; the latencies of all rounds pooled, then p50 and p99.
+    "added" is over direct's."""
+    paths: dict[tuple[str, str], Path] = {}
+    for target in targets:
+        for shape in SHAPES:
+            ids = DIRECT_IDS if target.one_port else LOAD_SESSIONS
+            path = work / f"paced-{target.name}-{shape}.json"
+            path.write_text(json.dumps(raw_requests(shape, ids)))
+            paths[target.name, shape] = path
+    pooled: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    total, done = rounds * len(SHAPES) * len(targets), 0
+    for round_no in range(rounds):
+        for shape in SHAPES:
+            for target in targets[::-1] if round_no % 2 else targets:
+                got = run_pacer(target.port, paths[target.name, shape], rate, connections, seconds)
+                pooled.setdefault((target.name, shape), []).append(got)
+                done += 1
+                progress(
+                    f"[paced {done}/{total}] round {round_no + 1} {shape} {target.name}: "
+                    f"p50 {got['p50_us'] / 1000:.2f} ms, p99 {got['p99_us'] / 1000:.2f} ms, "
+                    f"late p99 {got['send_late_p99_us'] / 1000:.2f} ms, errors {got['errors']}"
+                )
+    rows: list[dict[str, Any]] = []
+    for shape in SHAPES:
+        for target in targets:
+            runs = pooled[target.name, shape]
+            lat = sorted(x for r in runs for x in r["latencies_us"])
+            late = [r["send_late_p99_us"] for r in runs]
+
+            def pct(q: float, values: list[int] = lat) -> float:
+                return values[min(len(values) - 1, int(q / 100 * len(values)))] / 1000
+
+            rows.append(
+                {
+                    "target": target.name,
+                    "shape": shape,
+                    "rate": rate,
+                    "connections": connections,
+                    "counted": len(lat),
+                    "p50_ms": round(pct(50), 3),
+                    "p90_ms": round(pct(90), 3),
+                    "p99_ms": round(pct(99), 3),
+                    "max_ms": round(lat[-1] / 1000, 3) if lat else 0.0,
+                    "rounds_p99_ms": [round(r["p99_us"] / 1000, 3) for r in runs],
+                    "send_late_p99_ms": round(statistics.median(late) / 1000, 3),
+                    "errors": sum(sum(r["errors"].values()) for r in runs),
+                }
+            )
+    by = {(r["target"], r["shape"]): r for r in rows}
+    for r in rows:
+        direct = by["direct", r["shape"]]
+        r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 3)
+        r["added_p99_ms"] = round(r["p99_ms"] - direct["p99_ms"], 3)
+    return rows
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+    }
+
+
+def uptime() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --- the one table (issue 17), and a second run against the first --------------------------------
+
+COLUMNS = tuple(f"{s} c{c}" for s in SHAPES for c in (8, 64))
+CPU_GOAL = 5.0  # proxy / nginx CPU per request, at most
+ADDED_P99_GOAL_MS = 1.0  # paced p99 over direct's, at most
+REPEAT_TOLERANCE = 0.15  # a second run's figure within 15% of the first's
+# For figures that are differences (added p99, a layer's cost), a change smaller than this is
+# not flagged however large it is relative to a small difference.
+REPEAT_FLOOR = {"us": 10.0, "ms": 0.1, "x": 0.0}
+
+
+def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures the issue asks for, one row each: ``values`` by column ("GET c8", ...),
+    ``unit``, ``kind`` ("value" or "difference": how a second run is compared)."""
+    by = {(c["target"], c["shape"], c["connections"]): c for c in report["cells"]}
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        figure: str, unit: str, values: dict[str, Any], kind: str = "value", goal: str = ""
+    ) -> None:
+        rows.append({"figure": figure, "unit": unit, "values": values, "kind": kind, "goal": goal})
+
+    def cpu(target: str) -> dict[str, Any]:
+        return {
+            f"{s} c{c}": round(by[target, s, c]["cpu_us"], 1)
+            for s in SHAPES
+            for c in (8, 64)
+            if (target, s, c) in by
+        }
+
+    row("direct (upstream answering) CPU", "us", cpu("direct"))
+    row("nginx proxy_pass CPU", "us", cpu("nginx"))
+    row("session-proxy CPU", "us", cpu("proxy"))
+    ratio = {r_key(r): r["cpu_ratio"] for r in report["ratios"]}
+    row("proxy / nginx", "x", ratio, goal=f"<= {CPU_GOAL:g}x")
+    row(
+        "  verdict",
+        "",
+        {k: "PASS" if v <= CPU_GOAL else "FAIL" for k, v in ratio.items()},
+        kind="verdict",
+    )
+    for name, _what in FLOORS:
+        if any(t == name for t, _s, _c in by):
+            row(f"floor: {name}", "us", cpu(name))
+    if any(t == "uv+client" for t, _s, _c in by):
+        floor = cpu("uv+client")
+        row(
+            "  proxy above the uv+client floor",
+            "us",
+            {k: round(v - floor[k], 1) for k, v in cpu("proxy").items() if k in floor},
+            kind="difference",
+        )
+    paced = {(p["target"], p["shape"]): p for p in report.get("paced", [])}
+    if paced:
+        first = report["paced"][0]
+        label = f"paced {first['rate']:g}/s c{first['connections']}"
+        for target in PACED_TARGETS:
+            for q in ("p50", "p99"):
+                row(
+                    f"{label}: {target} {q}",
+                    "ms",
+                    {f"{s} c8": paced[target, s][f"{q}_ms"] for s in SHAPES},
+                )
+        for target in ("nginx", "proxy"):
+            row(
+                f"{label}: {target} added p99",
+                "ms",
+                {f"{s} c8": paced[target, s]["added_p99_ms"] for s in SHAPES},
+                kind="difference",
+                goal=f"<= {ADDED_P99_GOAL_MS:g} ms" if target == "proxy" else "",
+            )
+        row(
+            "  verdict (NOISY: pacer late p99 > goal)",
+            "",
+            {f"{s} c8": paced_verdict(paced["proxy", s], paced["direct", s]) for s in SHAPES},
+            kind="verdict",
+        )
+        row(
+            f"{label}: pacer lateness p99 (direct)",
+            "ms",
+            {f"{s} c8": paced["direct", s]["send_late_p99_ms"] for s in SHAPES},
+        )
+    layers: dict[str, dict[str, Any]] = {}
+    stubbed = False
+    for c in report.get("layers", []):
+        layers.setdefault(c["layer"], {})[f"{c['shape']} c{c['connections']}"] = c["cost_us"]
+        stubbed = stubbed or (c["layer"] == "no-metrics" and c["switch"].startswith("none"))
+    labels = {
+        "no-metrics": "layer cost: metrics" + (" (stubbed: no setting)" if stubbed else ""),
+        "log-info": "layer cost: access log at info",
+        "tr-off": "layer cost: tracing off (SDK present)",
+        "tr-1%": "layer cost: tracing 1%",
+        "tr-100%": "layer cost: tracing 100%",
+    }
+    for name, values in layers.items():
+        row(labels.get(name, f"layer cost: {name}"), "us", values, kind="difference")
+    return rows
+
+
+def paced_verdict(proxy: dict[str, Any], direct: dict[str, Any]) -> str:
+    """PASS/FAIL against the added-p99 goal, or NOISY when the pacer itself sent late by more
+    than the goal at p99: then the difference of two tails says nothing either way."""
+    if direct["send_late_p99_ms"] > ADDED_P99_GOAL_MS:
+        return "NOISY"
+    return "PASS" if proxy["added_p99_ms"] <= ADDED_P99_GOAL_MS else "FAIL"
+
+
+def r_key(r: dict[str, Any]) -> str:
+    return f"{r['shape']} c{r['connections']}"
+
+
+def print_summary(rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(
+        f"\nissue 17, one table ({m['cpu']}, {m['cores']} cores; CPU = utime+stime per request, "
+        "medians of the rounds;\n  paced = open-loop pacer, latencies of all rounds pooled; "
+        "layer cost = against the plain proxy, median of the round-by-round differences)"
+    )
+    head = f"{'figure':<44} {'unit':<4}" + "".join(f"{c:>10}" for c in COLUMNS) + "  goal"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        cells = []
+        for col in COLUMNS:
+            v = r["values"].get(col)
+            if v is None:
+                cells.append(f"{'-':>10}")
+            elif isinstance(v, str):
+                cells.append(f"{v:>10}")
+            elif r["unit"] == "ms":
+                cells.append(f"{v:>10.2f}")
+            elif r["unit"] == "x":
+                cells.append(f"{v:>10.1f}")
+            else:
+                cells.append(f"{v:>10,.0f}")
+        print(f"{r['figure']:<44} {r['unit']:<4}" + "".join(cells) + f"  {r['goal']}")
+    print(f"load: {report['settings']['uptime_start']}\n   -> {report['settings']['uptime_end']}")
+
+
+def repeat_diff(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each figure of the second run against the first: second/first - 1; flagged over 15%
+    (differences only when they also moved by more than ``REPEAT_FLOOR``)."""
+    out = []
+    seen: dict[str, int] = {}
+    index = {}
+    for r in second:
+        n = seen.get(r["figure"], 0)
+        seen[r["figure"]] = n + 1
+        index[r["figure"], n] = r
+    seen.clear()
+    for r in first:
+        n = seen.get(r["figure"], 0)
+        seen[r["figure"]] = n + 1
+        other = index.get((r["figure"], n))
+        if other is None or r["kind"] == "verdict":
+            continue
+        for col in COLUMNS:
+            a, b = r["values"].get(col), other["values"].get(col)
+            if not isinstance(a, int | float) or not isinstance(b, int | float):
+                continue
+            rel = (b - a) / abs(a) if a else (0.0 if b == a else float("inf"))
+            moved = abs(b - a) > REPEAT_FLOOR.get(r["unit"], 0.0)
+            flag = abs(rel) > REPEAT_TOLERANCE and (r["kind"] == "value" or moved)
+            out.append(
+                {
+                    "figure": r["figure"],
+                    "column": col,
+                    "unit": r["unit"],
+                    "kind": r["kind"],
+                    "first": a,
+                    "second": b,
+                    "change": round(rel, 3) if rel != float("inf") else None,
+                    "flag": flag,
+                }
+            )
+    return out
+
+
+def print_repeat(diffs: list[dict[str, Any]]) -> None:
+    print(
+        f"\nsecond run against the first (second/first - 1; FLAG: more than "
+        f"{REPEAT_TOLERANCE:.0%}; for differences also more than "
+        f"{REPEAT_FLOOR['us']:g} us or {REPEAT_FLOOR['ms']:g} ms)"
+    )
+    figures = list(dict.fromkeys(d["figure"] for d in diffs))
+    head = f"{'figure':<44}" + "".join(f"{c:>18}" for c in COLUMNS)
+    print(head)
+    print("-" * len(head))
+    by = {(d["figure"], d["column"]): d for d in diffs}
+    for figure in figures:
+        cells = []
+        for col in COLUMNS:
+            d = by.get((figure, col))
+            if d is None:
+                cells.append(f"{'-':>18}")
+                continue
+            fmt = ".2f" if d["unit"] == "ms" else ".1f" if d["unit"] == "x" else ".0f"
+            change = "n/a" if d["change"] is None else f"{d['change']:+.0%}"
+            text = f"{d['first']:{fmt}}>{d['second']:{fmt}} {change}" + ("!" if d["flag"] else "")
+            cells.append(f"{text:>18}")
+        print(f"{figure:<44}" + "".join(cells))
+    flagged = [d for d in diffs if d["flag"]]
+    print(
+        f"{len(flagged)} of {len(diffs)} figures moved more than {REPEAT_TOLERANCE:.0%} "
+        "(marked !)"
+        + (
+            ": " + "; ".join(f"{d['figure'].strip()} {d['column']}" for d in flagged)
+            if flagged
+            else ""
+        )
+    )
+
+
+def print_layers(report: dict[str, Any]) -> None:
+    print("\noptional layers, CPU us/req against the plain proxy of the same rounds")
+    for note in report.get("layer_notes", []):
+        print(f"  note: {note}")
+    head = (
+        f"{'layer':<11} {'shape':<5} {'conc':>4} {'base us':>8} {'layer us':>9} {'cost us':>8} "
+        f"{'per round':<24} {'errors':>6}  what (switch)"
+    )
+    print(head)
+    print("-" * len(head))
+    for c in report.get("layers", []):
+        rounds = "/".join(f"{x:.0f}" for x in c["cost_rounds_us"])
+        print(
+            f"{c['layer']:<11} {c['shape']:<5} {'c' + str(c['connections']):>4} "
+            f"{c['base_cpu_us']:>8,.0f} {c['layer_cpu_us']:>9,.0f} {c['cost_us']:>+8,.0f} "
+            f"{rounds:<24} {c['errors']:>6}  {c['what']} ({c['switch']})"
+        )
+    log = report.get("access_log")
+    if log:
+        print(
+            f"  log-info wrote {log['bytes_per_request']:.0f} bytes of log per request "
+            f"({log['lines']:,} lines for {log['requests']:,} requests)"
+        )
+
+
+def print_paced(report: dict[str, Any]) -> None:
+    rows = report["paced"]
+    first = rows[0]
+    print(
+        f"\npaced latency: {first['rate']:g} requests/s over {first['connections']} connections, "
+        "open loop (bench/pacer.py; latency from each request's scheduled time),\n  all rounds "
+        "pooled; added = over direct; late p99 = how late the pacer itself sent (median of rounds)"
+    )
+    head = (
+        f"{'shape':<5} {'target':<7} {'counted':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+        f"{'max ms':>7} {'+p50 ms':>8} {'+p99 ms':>8} {'p99 per round':<20} {'late p99':>8} "
+        f"{'errors':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        per_round = "/".join(f"{x:.2f}" for x in r["rounds_p99_ms"])
+        added = (
+            ("", "")
+            if r["target"] == "direct"
+            else (f"{r['added_p50_ms']:.2f}", f"{r['added_p99_ms']:.2f}")
+        )
+        print(
+            f"{r['shape']:<5} {r['target']:<7} {r['counted']:>8,} {r['p50_ms']:>7.2f} "
+            f"{r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {added[0]:>8} "
+            f"{added[1]:>8} {per_round:<20} {r['send_late_p99_ms']:>8.2f} {r['errors']:>6}"
+        )
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -1837,18 +2477,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ensure_tools()
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
         "versions": versions(),
         "settings": {
             "duration_s": args.duration,
             "rounds": args.rounds,
             "workers": args.workers,
-            "source": str(SOURCE),
+            "source": str(SOURCE) + SOURCE_NOTE,
             "fill_sessions": args.fill_sessions,
             "cpus": os.cpu_count(),
             "post_body_bytes": len(post_body(LOAD_SESSIONS[0])),
             "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "uptime_start": uptime(),
+            "paced": {
+                "rate": args.paced_rate,
+                "connections": PACED_CONNECTIONS,
+                "seconds": args.paced_seconds,
+                "rounds": args.paced_rounds,
+            },
         },
     }
+    tracing_available = importlib.util.find_spec("opentelemetry.sdk") is not None
+    layers, notes = ([], []) if args.no_layers else layer_plan(tracing_available)
+    report["layer_notes"] = notes
+    tracing_layers = {layer.name for layer in layers if layer.name.startswith("tr-")}
     with workdir() as work:
         ports = Ports.pick()
         all_upstream = [ports.a, ports.b, *ports.fleet]
@@ -1857,7 +2509,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         nginx = start_nginx("nginx", nginx_proxy_conf(work / "nginx", ports), work, [ports.nginx])
         traced: dict[str, subprocess.Popen[bytes]] = {}
-        if args.tracing:
+        if args.tracing or tracing_layers:
             # Started and warmed first: their warm-up spans are exported (the batch processor
             # sends a batch under 512 spans after 5 s) before the rounds are counted.
             sink = start_sink(work, ports.otlp_sink)
@@ -1874,23 +2526,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             warm(ports.aiohttp_proxy, ports)
         progress(f"started; work dir {work}; proxy pid {proxy.pid}, nginx pid {nginx.pid}")
         targets = [
-            Target("direct", ports.a, upstream.pid),
+            Target("direct", ports.a, upstream.pid, one_port=True),
             Target("nginx", ports.nginx, nginx.pid),
             Target("proxy", ports.proxy, proxy.pid),
         ]
+        if not args.no_floors:
+            for name, _what in FLOORS:
+                port = ports.take()
+                kind = "uvicorn" if name == "uvicorn" else "client"
+                try:
+                    floor = start_floor(kind, port, work, ports.a)
+                except RuntimeError as exc:  # reported; the rest of the run goes on
+                    notes.append(f"floor {name} not measured: {str(exc)[:300]}")
+                    progress(notes[-1])
+                    continue
+                targets.append(Target(name, port, floor.pid, one_port=True))
         if other is not None:
             targets.append(Target("aiohttp", ports.aiohttp_proxy, other.pid))
+        layer_procs: dict[str, subprocess.Popen[bytes]] = {}
+        for layer in list(layers):
+            if layer.name in tracing_layers:
+                continue
+            port = ports.take()
+            try:
+                layer_procs[layer.name] = start_layer(layer, port, ports, work, args.workers)
+            except RuntimeError as exc:
+                # A layer that cannot run (the proxy's code moved under the bench's stub, say)
+                # is reported, not allowed to sink the rest of the run.
+                notes.append(f"layer {layer.name} not measured: {str(exc)[:300]}")
+                progress(notes[-1])
+                layers.remove(layer)
+                continue
+            targets.append(Target(layer.name, port, layer_procs[layer.name].pid, (8,)))
         for (name, _what, _env), port in zip(TRACING_VARIANTS, ports.tracing, strict=False):
             if name in traced:
-                targets.append(Target(name, port, traced[name].pid))
-        if traced:
+                targets.append(
+                    Target(name, port, traced[name].pid, (8, 64) if args.tracing else (8,))
+                )
+        if args.tracing:
             time.sleep(max(0.0, warmed_at + BSP_SCHEDULE_DELAY + 0.5 - time.monotonic()))
             exported_before, sink_cpu_before = sink_counts(ports.otlp_sink), cpu_seconds(sink.pid)
+        log_before = _log_size(work / "log-info.log")
         instances = Target("upstream", ports.upstream_status, upstream.pid)
-        cells = load_matrix(work, targets, instances, args.duration, args.rounds, bool(traced))
+        cells = load_matrix(work, targets, instances, args.duration, args.rounds)
         report["cells"] = [asdict(c) for c in cells]
         report["ratios"] = ratios(cells)
-        stop(proxy)
+        report["layers"] = layer_costs(cells, layers)
+        if "log-info" in layer_procs:
+            lines_now, size_now = _log_size(work / "log-info.log")
+            lines, size = lines_now - log_before[0], size_now - log_before[1]
+            requests = sum(
+                int(r["requests"]) for c in cells if c.target == "log-info" for r in c.rounds
+            )
+            report["access_log"] = {
+                "lines": lines,
+                "bytes": size,
+                "requests": requests,
+                "bytes_per_request": round(size / max(1, requests), 1),
+            }
+        if not args.no_paced:
+            paced = [t for t in targets if t.name in PACED_TARGETS]
+            report["paced"] = paced_matrix(
+                work,
+                paced,
+                args.paced_rate,
+                PACED_CONNECTIONS,
+                args.paced_seconds,
+                args.paced_rounds,
+            )
+        for proc in (proxy, *layer_procs.values()):
+            stop(proc)
         if other is not None:
             report["clients"] = client_comparison(cells)
             stop(other)
@@ -1898,6 +2603,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             loaded = {name: protobuf_loaded(proc.pid) for name, proc in traced.items()}
             for proc in traced.values():  # SIGTERM: each flushes its last batch at exit
                 stop(proc, grace=20)
+        if args.tracing:
             exported = sink_counts(ports.otlp_sink)
             sink_cpu = cpu_seconds(sink.pid) - sink_cpu_before
             spans = sum(e.get("spans", 0) for e in exported.values()) - sum(
@@ -1920,13 +2626,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress("bench/reconcile.py ...")
         report["reconcile"] = reconcile_output()
     report["settings"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    report["settings"]["uptime_end"] = uptime()
+    report["summary"] = summary(report)
     return report
+
+
+def _log_size(path: Path) -> tuple[int, int]:
+    """Lines and bytes of a log file so far."""
+    with contextlib.suppress(OSError):
+        data = path.read_bytes()
+        return data.count(b"\n"), len(data)
+    return 0, 0
+
+
+PACED_CONNECTIONS = 8
+
+
+def snapshot(source: Path) -> tuple[Path, str]:
+    """A copy of ``source``'s proxy/ taken now, to run every proxy (and floor) of every run
+    from: files edited while the bench runs would otherwise make the first and the second run
+    measure different code. The note says what was copied (commit, files changed since)."""
+    copy = Path(tempfile.mkdtemp(prefix="proxy-bench-source-"))
+    copy.chmod(0o755)
+    shutil.copytree(source / "proxy", copy / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    atexit.register(shutil.rmtree, copy, True)
+    note = f" (a copy of {source}/proxy taken at start"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--", "proxy"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode == 0:
+            changed = len(dirty.stdout.splitlines())
+            note += f": commit {head.stdout.strip()}, {changed} file(s) under proxy/ changed since"
+    return copy, note + ")"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     if given[:1] == [SERVE_WITH_AIOHTTP]:
         return serve_with_aiohttp()
+    if given[:1] == [SERVE_WITHOUT_METRICS]:
+        return serve_without_metrics()
     if given[:1] == [SERVE_OTLP_SINK]:
         return serve_otlp_sink(int(given[1]))
     if given[:1] == [SERVE_PROFILED]:
@@ -1939,6 +2688,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--with-reconcile", action="store_true", help="run bench/reconcile.py")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the whole measurement this many times (fresh processes each time) and set "
+        "the second run's figures against the first's (flagged beyond 15%%)",
+    )
+    parser.add_argument(
+        "--paced-rate", type=float, default=1000.0, help="paced requests a second (default 1000)"
+    )
+    parser.add_argument(
+        "--paced-seconds",
+        type=float,
+        default=2.0,
+        help="seconds counted per paced run (default 2; short runs, many rounds: a burst of "
+        "load elsewhere falls on every target alike)",
+    )
+    parser.add_argument(
+        "--paced-rounds", type=int, default=5, help="paced rounds, pooled (default 5)"
+    )
+    parser.add_argument("--no-paced", action="store_true", help="leave out the paced latency")
+    parser.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="run proxy/ from the tree itself, not from a copy taken at start",
+    )
+    parser.add_argument("--no-floors", action="store_true", help="leave out the floors")
+    parser.add_argument(
+        "--no-layers", action="store_true", help="leave out the optional layers' costs"
+    )
+    parser.add_argument(
         "--aiohttp",
         action="store_true",
         help="also run session-proxy with aiohttp as its upstream client (pip install aiohttp)",
@@ -1946,9 +2725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--tracing",
         action="store_true",
-        help="also run session-proxy with OpenTelemetry tracing off / on at 100%% / on at 1%%, "
-        "exporting to an OTLP/HTTP sink of the bench's own, compare, and profile the 100%% one "
-        "(needs the tracing extra)",
+        help="also run the tracing proxies (off / 100%% / 1%%) at c64, count what they export "
+        "to an OTLP/HTTP sink of the bench's own, compare, and profile them (needs the tracing "
+        "extra); without it they are measured at c8 as layers",
     )
     parser.add_argument(
         "--skip-memory",
@@ -1967,21 +2746,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 2.0, 1
+        args.paced_seconds, args.paced_rounds = 2.0, 1
         args.fill_sessions = min(args.fill_sessions, 10_000)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if not (args.source / "proxy" / "__main__.py").exists():
         parser.error(f"--source {args.source}: no proxy/__main__.py there")
     if args.tracing and not (args.source / "proxy" / "tracing.py").exists():
         parser.error(f"--tracing: --source {args.source} has no proxy/tracing.py")
     if args.tracing and importlib.util.find_spec("opentelemetry.sdk") is None:
         parser.error("--tracing needs the tracing extra: pip install -e '.[tracing]'")
-    global SOURCE
+    global SOURCE, SOURCE_NOTE
     SOURCE = args.source.resolve()
+    if not args.no_snapshot:
+        SOURCE, SOURCE_NOTE = snapshot(SOURCE)
     signal.signal(signal.SIGTERM, _on_signal)
     atexit.register(stop_all)
-    report = run(args)
-    print_report(report)
+    reports = []
+    for n in range(args.repeat):
+        if args.repeat > 1:
+            progress(f"=== run {n + 1} of {args.repeat} ===")
+        reports.append(run(args))
+    diffs = repeat_diff(reports[0]["summary"], reports[1]["summary"]) if len(reports) > 1 else []
+    for n, report in enumerate(reports):
+        if len(reports) > 1:
+            print(f"\n=== run {n + 1} of {len(reports)} ===")
+        print_report(report)
+    if diffs:
+        print_repeat(diffs)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        out: dict[str, Any] = (
+            reports[0]
+            if len(reports) == 1
+            else {
+                "runs": reports,
+                "repeat": diffs,
+            }
+        )
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
         progress(f"wrote {args.json}")
     return 0
 
