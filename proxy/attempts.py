@@ -74,7 +74,7 @@ class StreamedBody:
             yield chunk
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempted:
     """The answer that ends a request: the response (body unread unless ``body``) and its path."""
 
@@ -93,7 +93,7 @@ class NotConnectedYet(Exception):
         self.answer = answer
 
 
-@dataclass
+@dataclass(slots=True)
 class OutgoingRequest:
     method: str
     target: str  # raw path plus query string, exactly as the client sent them
@@ -623,7 +623,7 @@ class Attempts:
                 )
             else:
                 response = await self._traced_send(instance, request, attempts, timeouts)
-            instance.upstream_seconds.observe(time.perf_counter() - started)
+            metrics.histogram(instance.upstream_seconds).observe(time.perf_counter() - started)
         except Overloaded:
             raise  # the proxy's own connection cap for that instance: not the instance's fault
         except UpstreamUnreachable as error:

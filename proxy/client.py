@@ -169,6 +169,7 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.fd = -1
+        self.poller: select.poll | None = None  # this connection's descriptor, registered once
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.counted = False  # holds one of the pool's MAX_CONNECTIONS_PER_INSTANCE places
@@ -202,7 +203,7 @@ class _Connection(asyncio.Protocol):
     def begin(self, head_only: bool) -> asyncio.Future[None]:
         self.head_only = head_only
         self.awaiting = True
-        self.head_done = asyncio.get_running_loop().create_future()
+        self.head_done = self.pool.loop.create_future()
         return self.head_done
 
     # asyncio.Protocol
@@ -212,6 +213,8 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.fd = sock.fileno()
+            self.poller = select.poll()
+            self.poller.register(self.fd, select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         if not self.awaiting:
@@ -446,7 +449,7 @@ class FastResponse(UpstreamResponse):
     async def _more(self) -> None:
         """Wait until more body arrives or the message completes, within the idle timeout."""
         conn = self._conn
-        loop = asyncio.get_running_loop()
+        loop = conn.pool.loop
         conn.wakeup = loop.create_future()
         timer = loop.call_later(self._idle_timeout, _expire, conn.wakeup)
         try:
@@ -483,6 +486,18 @@ class FastResponse(UpstreamResponse):
             await self.close()
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if conn.complete and not self._released:
+            # Already whole (a small answer arrives in the packet of its head): no generator.
+            body = b"".join(conn.body)
+            conn.body.clear()
+            conn.buffered = 0
+            if conn.paused and not conn.closed:
+                conn.paused = False
+                assert conn.transport is not None
+                conn.transport.resume_reading()
+            await self.close()
+            return body
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def read_upto(self, limit: int) -> bytes | None:
@@ -521,7 +536,7 @@ class FastResponse(UpstreamResponse):
             conn.abort()  # mid-body: the rest must not be read as the next response
 
 
-def _peer_closed(conn: _Connection, poller: select.poll) -> bool:
+def _peer_closed(conn: _Connection) -> bool:
     """Has the instance closed this idle connection (or sent something unasked)?
 
     Its FIN may sit in the kernel before the event loop has seen it: a SIGKILLed instance's
@@ -529,17 +544,17 @@ def _peer_closed(conn: _Connection, poller: select.poll) -> bool:
     *after* it was sent, which for a send means "ambiguous" instead of "replay elsewhere". An
     idle connection must have nothing to read, so one zero-timeout poll settles it before the
     request is written: readable (a FIN, bytes, an error) means not reusable. The same answer
-    as a peek through a ``socket`` built around the descriptor, for 0.65 us instead of 3.7."""
+    as a peek through a ``socket`` built around the descriptor, for 0.4 us instead of 3.7 (the
+    descriptor stays registered in the connection's own poll object: one system call a reuse).
+    Nothing cheaper sees what the loop has not read yet: ``connection_lost`` and
+    ``data_received`` already drop an idle connection once the loop has seen its FIN or bytes."""
     transport = conn.transport
     if transport is None or transport.is_closing():
         return True  # closing: the descriptor may already be closed, its number reused
-    if conn.fd < 0:
+    poller = conn.poller
+    if poller is None:
         return False
-    poller.register(conn.fd, select.POLLIN)
-    try:
-        return bool(poller.poll(0))
-    finally:
-        poller.unregister(conn.fd)
+    return bool(poller.poll(0))
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -555,7 +570,7 @@ class _Pool:
         self.open = 0  # connecting, busy and idle: at most MAX_CONNECTIONS_PER_INSTANCE
         # Each gets a connection handed over, or None: a place to open one was kept for it.
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
-        self.poller = select.poll()
+        self.loop = asyncio.get_running_loop()  # made by a send: asked once, not per request
         self.sweeper: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -565,7 +580,7 @@ class _Pool:
         while idle:
             conn = idle.pop()  # the most recently used: least likely to have expired
             conn.pooled = False
-            if now - conn.idle_since < KEEPALIVE_EXPIRY and not _peer_closed(conn, self.poller):
+            if now - conn.idle_since < KEEPALIVE_EXPIRY and not _peer_closed(conn):
                 return conn
             conn.close()
         deadline = now + connect_timeout
@@ -576,13 +591,13 @@ class _Pool:
             handed = await self._wait(max(deadline - time.monotonic(), 0.0), connect_timeout)
             if handed is None:
                 return await self._connect(connect_timeout)
-            if not handed.closed and not _peer_closed(handed, self.poller):
+            if not handed.closed and not _peer_closed(handed):
                 return handed
             handed.close()  # went bad between its release and now: wait again
         raise Overloaded(f"no usable connection to {self.host}:{self.port}", retry_after=1)
 
     async def _wait(self, seconds: float, allowed: float) -> _Connection | None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
         self.waiters.append(waiter)
         timer = loop.call_later(seconds, _expire, waiter)
@@ -662,7 +677,7 @@ class _Pool:
         conn.pooled = True
         self.idle.append(conn)
         if self.sweeper is None:
-            self.sweeper = asyncio.get_running_loop().call_later(KEEPALIVE_EXPIRY, self._sweep)
+            self.sweeper = self.loop.call_later(KEEPALIVE_EXPIRY, self._sweep)
 
     def _sweep(self) -> None:
         """Close the expired idle connections. Reuse takes the newest, so after a burst the
@@ -676,7 +691,7 @@ class _Pool:
             conn.close()
         if idle:
             due = idle[0].idle_since + KEEPALIVE_EXPIRY - now
-            self.sweeper = asyncio.get_running_loop().call_later(due, self._sweep)
+            self.sweeper = self.loop.call_later(due, self._sweep)
 
     def close(self) -> None:
         self.closed = True
@@ -735,7 +750,7 @@ class FastClient(UpstreamClient):
             await _write_stream(
                 conn, transport, body, b"transfer-encoding: chunked\r\n" in head, timeouts
             )
-        loop = asyncio.get_running_loop()
+        loop = conn.pool.loop
         timer = loop.call_later(timeouts.read, _expire, head_done)
         try:
             await head_done

@@ -67,6 +67,10 @@ SESSION_NOT_FOUND = "Session not found"
 NOT_CONNECTED = "Session not connected"
 
 
+# What nearly every Connection header says: it names no other field, so no pass is needed.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
 def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",")]
 
@@ -89,7 +93,7 @@ def request_headers(
                 forwarded_for.append(value)
             elif name == b"host":
                 client_host = value
-            elif name == b"connection":
+            elif name == b"connection" and value not in _PLAIN_CONNECTION:
                 named += _tokens(value)
             continue
         if name.startswith(_OWN_PREFIX):
@@ -123,7 +127,7 @@ def response_headers(
     for raw_name, value in response.headers:
         name = raw_name.lower()
         if name in _DROPPED_OUT:
-            if name == b"connection":
+            if name == b"connection" and value not in _PLAIN_CONNECTION:
                 named += _tokens(value)
             continue
         if name.startswith(_OWN_PREFIX):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import dataclass
 
 from .config import Settings
 from .errors import BadPath, BadSessionId, MalformedBody, MissingSessionId, UnknownRoute
@@ -33,11 +32,35 @@ class Role(enum.Enum):
     DELETES = "deletes"  # acts, and deletes the session's files: every holder, and no one else
 
 
-@dataclass(frozen=True, slots=True)
 class Target:
-    kind: Kind
-    session_id: str | None = None
-    role: Role = Role.REFUSES
+    """What a request is for. Read-only by convention: a plain class, as one is made per
+    request and a frozen dataclass or a named tuple costs twice as much to make."""
+
+    __slots__ = ("kind", "role", "session_id")
+
+    def __init__(
+        self, kind: Kind, session_id: str | None = None, role: Role = Role.REFUSES
+    ) -> None:
+        self.kind = kind
+        self.session_id = session_id
+        self.role = role
+
+    def __repr__(self) -> str:
+        return f"Target({self.kind}, {self.session_id!r}, {self.role})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Target) and (self.kind, self.session_id, self.role) == (
+            other.kind,
+            other.session_id,
+            other.role,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.session_id, self.role))
+
+
+_LIST = Target(Kind.LIST)
+_PASSTHROUGH = Target(Kind.PASSTHROUGH)
 
 
 # Encoded '.', '/' and '\' would let a client smuggle a different route past the id check.
@@ -71,6 +94,15 @@ class SessionRouter:
             roles[_route_key(route)] = Role.STARTS
         roles[_route_key(settings.delete_route)] = Role.DELETES
         self._roles = roles
+        # Routes that carry the id in the body have one target each, made once.
+        self._body_targets = {
+            key: Target(
+                Kind.CREATE if key == self._create else Kind.BODY,
+                None,
+                roles.get((key[0], key[1]), Role.REFUSES),
+            )
+            for key in self._body_routes
+        }
 
     def validate(self, session_id: object) -> str:
         if not isinstance(session_id, str) or not self._id_re.fullmatch(session_id):
@@ -87,23 +119,25 @@ class SessionRouter:
                 raise BadPath()
         path = raw_path[:-1] if len(raw_path) > 1 and raw_path.endswith("/") else raw_path
         key = (method, path)
-        if key in self._body_routes:
-            kind = Kind.CREATE if key == self._create else Kind.BODY
-            return Target(kind, None, self._roles.get(key, Role.REFUSES))
+        body_target = self._body_targets.get(key)
+        if body_target is not None:
+            return body_target
         if key == self._list:
-            return Target(Kind.LIST)
+            return _LIST
         if path in self._passthrough_exact:
-            return Target(Kind.PASSTHROUGH)
+            return _PASSTHROUGH
         match = self._path_re.match(path)
         if match is not None:
-            group = next(n for n, g in enumerate(match.groups(), 1) if g is not None)
+            # Each alternative has one group (the rest is escaped): the one that took part
+            # closed last.
+            group = match.lastindex or 0
             session_id = match.group(group)
             if session_id:
                 start, end = match.span(group)
                 role = self._roles.get((method, path[:start] + "{id}" + path[end:]), Role.REFUSES)
                 return Target(Kind.PATH, self.validate(session_id), role)
         if path.startswith(self._passthrough_prefixes):
-            return Target(Kind.PASSTHROUGH)
+            return _PASSTHROUGH
         raise UnknownRoute(f"the proxy has no route for {method} {path[:200]}")
 
     def role_of(self, method: str, template: str) -> Role:

@@ -38,9 +38,10 @@ log = logging.getLogger("session_proxy.table")
 
 # Stored for a session known to be on no instance; any real value is an instance URL.
 NEGATIVE: Final = "-"
-_HIT = metrics.TABLE_LOOKUPS.labels("hit")
-_MISS = metrics.TABLE_LOOKUPS.labels("miss")
-_NEGATIVE = metrics.TABLE_LOOKUPS.labels("negative")
+# Counted on every request: tallied without prometheus-client's lock, added at each scrape.
+_HIT = metrics.counter(metrics.TABLE_LOOKUPS.labels("hit"))
+_MISS = metrics.counter(metrics.TABLE_LOOKUPS.labels("miss"))
+_NEGATIVE = metrics.counter(metrics.TABLE_LOOKUPS.labels("negative"))
 
 
 SHARED_TIMEOUT = 0.25  # seconds a shared-table call may take before the local one answers
