@@ -17,7 +17,6 @@ import httpx
 import pytest
 import uvloop
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy import client as client_module
@@ -29,6 +28,7 @@ from proxy.errors import (
     UpstreamBadResponse,
     UpstreamTimeout,
 )
+from proxy.server import GuardedHttpTools
 
 HOST = [(b"host", b"up")]
 QUICK = Timeouts(1.0, 2.0)
@@ -522,8 +522,8 @@ def test_204_and_304_come_without_a_length_or_a_body(run: Any, case: str) -> Non
 
 @contextlib.asynccontextmanager
 async def mini_proxy(base: str) -> AsyncIterator[int]:
-    """uvicorn's httptools protocol (the proxy's server) in front of the fast client, through
-    the proxy's own forward.response_headers / buffered_body / relay."""
+    """The proxy's own server protocol (proxy.server.GuardedHttpTools) in front of the fast
+    client, through the proxy's own forward.response_headers / buffered_body / relay."""
     client = FastClient()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -545,7 +545,7 @@ async def mini_proxy(base: str) -> AsyncIterator[int]:
     state = ServerState()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: HttpToolsProtocol(config=config, server_state=state, app_state={}),
+        lambda: GuardedHttpTools(config=config, server_state=state, app_state={}),
         "127.0.0.1",
         0,
     )
