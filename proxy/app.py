@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -194,6 +195,10 @@ class ProxyApp:
             if self.settings.reconcile_interval > 0:
                 self.tasks.start("reconcile", self.reconciler.run)
             self.tasks.start("idempotency-sweep", self.idempotency.sweep_forever)
+        # Everything made so far (modules, settings, the app) lives as long as the process: out
+        # of the collector's sight, a full collection scans only what requests made since. One
+        # of those over the whole heap took 66 ms in the middle of a paced benchmark round.
+        gc.freeze()
 
     async def stop(self) -> None:
         self.endpoints.shutting_down = True
