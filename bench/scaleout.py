@@ -29,7 +29,9 @@ Phases (``--phases``, all by default), each printed when done and again in the s
 - ``reconcile``: ``session-proxy reconcile --json`` over ``--reconcile-sessions`` rows and
   ``--reconcile-instances`` instances (``--reconcile-wrong`` of the rows naming a wrong owner),
   twice (the second pass finds nothing to fix); and the instances' lists fetched directly, for
-  how much of the pass is the simulators' own time.
+  how much of the pass is the simulators' own time. ``--cached-lists`` has each instance answer
+  its list from its first answer, so the pass's time is the proxy's and Postgres's (on one
+  machine the instances' own list work competes for the same cores).
 
 Everything is bounded: ``--time-limit`` for the whole run, a deadline for every wait.
 """
@@ -107,6 +109,48 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     partial.replace(path)
 
 
+class _ListCache:
+    """``--cached-lists``: an instance's ``GET /api/sessions`` answered from its last answer
+    until a call other than a GET reaches it. On one machine the 100 instances' own list work
+    (building and encoding 10,000 sessions each) competes with the proxy for the same cores; a
+    real instance does that on its own machine. The answer is the simulator's own, taken once."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.cached: tuple[dict[str, Any], list[bytes]] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        listing = (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"] == "/api/sessions"
+        )
+        if not listing:
+            if scope["type"] == "http" and scope["method"] != "GET":
+                self.cached = None  # a start, a delete, a send: the list may change
+            await self.app(scope, receive, send)
+            return
+        if self.cached is None:
+            start: dict[str, Any] = {}
+            chunks: list[bytes] = []
+
+            async def keep(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    start.update(message)
+                else:
+                    chunks.append(message.get("body", b""))
+
+            await self.app(scope, receive, keep)
+            if start.get("status") != 200:
+                await send(start)
+                await send({"type": "http.response.body", "body": b"".join(chunks)})
+                return
+            self.cached = (start, chunks)
+        start, chunks = self.cached
+        await send(start)
+        await send({"type": "http.response.body", "body": b"".join(chunks)})
+
+
 async def _serve_sims(spec: dict[str, Any], ready_path: Path) -> None:
     import uvicorn
 
@@ -125,9 +169,10 @@ async def _serve_sims(spec: dict[str, Any], ready_path: Path) -> None:
         sock = _bind(spec["host"])
         port = sock.getsockname()[1]
         ports[entry["name"]] = port
+        app = create_app(config)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(config),
+                _ListCache(app) if spec.get("cache_lists") else app,
                 host=spec["host"],
                 port=port,
                 server_header=False,
@@ -181,7 +226,9 @@ class SimFleet:
         self.instances: list[SimInstance] = []
         self.procs: list[Any] = []
 
-    def start(self, owned: list[list[str]], procs: int, timeout: float) -> SimFleet:
+    def start(
+        self, owned: list[list[str]], procs: int, timeout: float, cache_lists: bool = False
+    ) -> SimFleet:
         from tests.helpers.processes import child_env, spawn
 
         names = [f"{self.tag}-{n:03d}" for n in range(len(owned))]
@@ -197,7 +244,14 @@ class SimFleet:
                 entries.append({"name": names[n], "sessions_file": str(listing)})
             spec_path = self.work / f"{self.tag}-launcher-{p}.json"
             spec_path.write_text(
-                json.dumps({"host": HOST, "api_key": API_KEY, "instances": entries})
+                json.dumps(
+                    {
+                        "host": HOST,
+                        "api_key": API_KEY,
+                        "instances": entries,
+                        "cache_lists": cache_lists,
+                    }
+                )
             )
             ready = self.work / f"{self.tag}-launcher-{p}.ready"
             ready.unlink(missing_ok=True)
@@ -1234,7 +1288,14 @@ class Bench:
         owned = [[f"r{n:03d}_{k:06d}" for k in range(per)] for n in range(a.reconcile_instances)]
         progress(f"starting {a.reconcile_instances} instances x {per:,} sessions")
         started = time.monotonic()
-        fleet = await asyncio.to_thread(SimFleet(self.work, "recon").start, owned, a.sim_procs, 600)
+        fleet = await asyncio.to_thread(
+            SimFleet(self.work, "recon").start, owned, a.sim_procs, 600, a.cached_lists
+        )
+        if a.cached_lists:
+            self.note(
+                "--cached-lists: each instance answers its list from its first answer (the "
+                "instances' own list work taken off the shared cores; the first fetch fills it)"
+            )
         progress(f"instances up in {time.monotonic() - started:.1f} s")
         try:
             db = await Database(a.database_url).create()
@@ -1494,6 +1555,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reconcile-instances", type=int, default=None, help="(100)")
     p.add_argument("--reconcile-wrong", type=float, default=0.1)
     p.add_argument("--reconcile-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--cached-lists",
+        action="store_true",
+        help="reconcile phase: instances answer GET /api/sessions from their first answer, so "
+        "the pass's time is the proxy's and Postgres's, not the co-located instances'",
+    )
     p.add_argument("--database-url", default=DEFAULT_ADMIN_URL)
     p.add_argument("--keep", default=None, help="a directory for the logs, kept after the run")
     p.add_argument("--time-limit", type=float, default=1500.0, help="seconds for the whole run")
