@@ -13,6 +13,7 @@ import httpx
 from .client import create_client
 from .config import ConfigError, Settings
 from .discovery import Discovery
+from .dns import DnsWatcher
 from .healing import DuplicateSettler
 from .health import HealthChecker
 from .instances import InstanceSet
@@ -26,14 +27,20 @@ EXIT_OK, EXIT_UNREACHABLE, EXIT_PARTIAL, EXIT_NOT_LEADER = 0, 1, 3, 4
 async def reconcile_command(settings: Settings, dry_run: bool, as_json: bool) -> int:
     if not settings.database_url:
         raise ConfigError("SESSION_PROXY_DATABASE_URL is required to reconcile")
-    if not settings.instances:
-        raise ConfigError("SESSION_PROXY_INSTANCES is required to reconcile")
+    if not settings.instances and not settings.instances_dns:
+        raise ConfigError(
+            "SESSION_PROXY_INSTANCES or SESSION_PROXY_INSTANCES_DNS is required to reconcile"
+        )
     configure_logging(settings.log_format, "warning")
     client = create_client(settings.upstream_client)
     instances = InstanceSet(settings)
     store = Store(settings)
     try:
-        await HealthChecker(settings, instances, client).check_all()
+        health = HealthChecker(settings, instances, client)
+        if settings.instances_dns:
+            # Resolved once, as the proxy does at start: a CronJob has no replica to ask.
+            await DnsWatcher(settings, instances, health).refresh()
+        await health.check_all()
         await store.open()
         discovery = Discovery(settings, instances, client)
         settler = (

@@ -275,3 +275,39 @@ def test_counts_are_exact_and_lists_are_capped(tmp_path: Path, pg_database: Temp
     assert report["lists_capped"] is True and report["listed_per_class"] == 1000
     assert len(set(report["verified"])) == 1000
     assert "counts are exact" in text and "moved (first 20 of 1500)" in text
+
+
+def test_reconcile_finds_its_instances_through_dns_as_a_cronjob_would(
+    tmp_path: Path, pg_database: TempDatabase
+) -> None:
+    """`session-proxy reconcile` with INSTANCES_DNS and no INSTANCES (a Kubernetes CronJob next
+    to a headless Service): the name is resolved once and the pass corrects a wrong row."""
+    a = Simulator.start(tmp_path, "a", sessions=["dns-1"], api_key=API_KEY)
+    try:
+        migrate(pg_database.url, "--create-table")
+        add_rows(pg_database, {"dns-1": "http://localhost:1"})
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "reconcile", "--json"],
+            env={
+                "SESSION_PROXY_DATABASE_URL": pg_database.url,
+                # A name the system resolver answers with the simulator's address only.
+                "SESSION_PROXY_INSTANCES_DNS": f"127.0.0.1:{a.port}",
+                "SESSION_PROXY_API_KEY": API_KEY,
+                "PATH": "/usr/bin:/bin",
+            },
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        sys.stderr.write(done.stderr)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = report_of(done.stdout)
+        assert report["instances"] == {a.url: 1}
+        assert [m["session_id"] for m in report["moved"]] == ["dns-1"]
+        owner = pg_database.fetch(
+            "SELECT assigned_instance_url FROM whatsapp_accounts WHERE session_id = 'dns-1'"
+        )
+        assert owner[0][0] in (a.url, laravel_form(a))
+    finally:
+        a.stop()
