@@ -569,3 +569,32 @@ def test_smoke_script_is_valid_bash() -> None:
             [shellcheck, str(script)], capture_output=True, text=True, timeout=60, check=False
         )
         assert result.returncode == 0, result.stdout
+
+
+def test_the_reconcile_cronjob_finds_the_fleet_by_dns_and_has_a_pass_worth_of_memory() -> None:
+    """The CronJob alternative to reconciling in the replicas: `session-proxy reconcile`, the
+    instances from the ConfigMap's INSTANCES_DNS, the secrets it needs, one run at a time, and
+    memory for a pass of 1,000,000 sessions (0.9-1.1 GiB measured)."""
+    assert not [d for d in render("jobs") if d["kind"] == "CronJob"], "an option, commented out"
+    cronjob = _load_all((K8S / "jobs" / "reconcile-cronjob.yaml").read_text())[0]
+    assert cronjob["kind"] == "CronJob"
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] < 300, "a run ends before the next is due"
+    pod_spec = job["template"]["spec"]
+    (reconcile,) = pod_spec["containers"]
+    assert reconcile["args"] == ["reconcile"]
+    assert reconcile["envFrom"] == [{"configMapRef": {"name": "session-proxy-config"}}]
+    config = one(render("jobs"), "ConfigMap", "session-proxy-config")
+    assert config["data"]["SESSION_PROXY_INSTANCES_DNS"], "the command needs its instances"
+    env = env_of(reconcile)
+    for variable, key in (
+        ("SESSION_PROXY_DATABASE_URL", "database-url"),
+        ("SESSION_PROXY_API_KEY", "api-key"),
+    ):
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": SECRET_NAME, "key": key}
+    limit = reconcile["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") and float(limit[:-2]) >= 1.5
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert reconcile["securityContext"]["readOnlyRootFilesystem"] is True
