@@ -613,24 +613,19 @@ async def _send_json_bytes(send: Send, status: int, body: bytes, request_id: str
 
 
 class _RouteTimeouts:
-    """``Settings.timeout_for`` as ``Timeouts``, worked out once per route, not per request."""
+    """``Settings.timeout_for`` as ``Timeouts``: one object per distinct route timeout, made
+    once, not a new one per request."""
 
     def __init__(self, settings: Settings) -> None:
-        connect = settings.connect_timeout
-        # Longest prefix first; among equals, the first listed (as ``timeout_for`` chooses).
-        routes = sorted(
-            (rt for rt in settings.route_timeouts if rt.prefix),
-            key=lambda rt: len(rt.prefix),
-            reverse=True,
-        )
-        self._routes = tuple((rt.prefix, Timeouts(connect, rt.seconds)) for rt in routes)
-        self._default = Timeouts(connect, settings.timeout_for(""))
+        self._settings = settings
+        self._made: dict[float, Timeouts] = {}
 
     def of(self, path: str) -> Timeouts:
-        for prefix, timeouts in self._routes:
-            if path.startswith(prefix):
-                return timeouts
-        return self._default
+        seconds = self._settings.timeout_for(path)
+        timeouts = self._made.get(seconds)
+        if timeouts is None:
+            timeouts = self._made[seconds] = Timeouts(self._settings.connect_timeout, seconds)
+        return timeouts
 
 
 class _Seen:

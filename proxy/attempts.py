@@ -623,7 +623,7 @@ class Attempts:
                 )
             else:
                 response = await self._traced_send(instance, request, attempts, timeouts)
-            metrics.histogram(instance.upstream_seconds).observe(time.perf_counter() - started)
+            instance.upstream_seconds.observe(time.perf_counter() - started)
         except Overloaded:
             raise  # the proxy's own connection cap for that instance: not the instance's fault
         except UpstreamUnreachable as error:

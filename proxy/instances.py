@@ -46,7 +46,8 @@ class Instance:
 
     def __post_init__(self) -> None:
         self.host_header = urlsplit(self.url).netloc.encode("latin-1")
-        self.upstream_seconds = metrics.UPSTREAM_SECONDS.labels(self.url)
+        # Observed on every request: through metrics.histogram, resolved once here.
+        self.upstream_seconds = metrics.histogram(metrics.UPSTREAM_SECONDS.labels(self.url))
 
     @property
     def alias(self) -> str:

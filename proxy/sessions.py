@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+from dataclasses import dataclass
 
 from .config import Settings
 from .errors import BadPath, BadSessionId, MalformedBody, MissingSessionId, UnknownRoute
@@ -32,31 +33,14 @@ class Role(enum.Enum):
     DELETES = "deletes"  # acts, and deletes the session's files: every holder, and no one else
 
 
+@dataclass(frozen=True, slots=True)
 class Target:
-    """What a request is for. Read-only by convention: a plain class, as one is made per
-    request and a frozen dataclass or a named tuple costs twice as much to make."""
+    """What a request is for. Frozen: the targets of the list, passthrough and body routes are
+    made once and shared by every request."""
 
-    __slots__ = ("kind", "role", "session_id")
-
-    def __init__(
-        self, kind: Kind, session_id: str | None = None, role: Role = Role.REFUSES
-    ) -> None:
-        self.kind = kind
-        self.session_id = session_id
-        self.role = role
-
-    def __repr__(self) -> str:
-        return f"Target({self.kind}, {self.session_id!r}, {self.role})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Target) and (self.kind, self.session_id, self.role) == (
-            other.kind,
-            other.session_id,
-            other.role,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.session_id, self.role))
+    kind: Kind
+    session_id: str | None = None
+    role: Role = Role.REFUSES
 
 
 _LIST = Target(Kind.LIST)
