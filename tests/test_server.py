@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import struct
@@ -516,3 +517,33 @@ async def test_a_body_streamed_in_by_the_client_is_received_in_order_with_early_
     assert counted.startswith(b"HTTP/1.1 200") and received == [300_000, 0]
     assert early.startswith(b"HTTP/1.1 413")
     assert after.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_request_leaves_nothing_for_the_garbage_collector() -> None:
+    """Every request's objects are freed when it ends, none left in a reference cycle: each
+    cycle left behind brings the collector's next pass nearer, and at 1,000 requests a second
+    those passes paused the event loop for 0.2-0.7 ms every 15 requests or so."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    requests = 200
+    async with uvicorn_with(app) as port:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(GET)  # the connection's own objects made before counting
+        await reader.readuntil(b"ok")
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(requests):
+                writer.write(GET)
+                await reader.readuntil(b"ok")
+            left = gc.collect()
+        finally:
+            gc.enable()
+        writer.close()
+    print(f"\nobjects in cycles after {requests} requests: {left}")
+    assert left < requests // 10  # was 8 a request (the cycle, its scope and their parts)
