@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -369,6 +370,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def hwm_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -505,7 +517,10 @@ class Database:
                 TABLE, records=rows, columns=["session_id", "assigned_instance_url"]
             )
             await conn.execute(f"ALTER TABLE {TABLE} ENABLE TRIGGER session_proxy_notify")
-            await conn.execute(f"ANALYZE {TABLE}")
+            # A table in use, not one just loaded: its hint bits set and its visibility map
+            # made, as autovacuum would have done (else the first pass's scan does that work,
+            # or autovacuum does it beside the pass).
+            await conn.execute(f"VACUUM ANALYZE {TABLE}")
         finally:
             await conn.close()
         return time.monotonic() - started
@@ -1338,7 +1353,8 @@ class Bench:
                 per_instance = calls / len(insts)
                 self.note(
                     f"{label}: pass {report['seconds']:.2f} s (command {result['wall']:.2f} s, "
-                    f"its CPU {result['cpu']:.2f} s; simulators' CPU meanwhile "
+                    f"its CPU {result['cpu']:.2f} s, largest command RSS so far "
+                    f"{result['peak_mib']:.0f} MiB; simulators' CPU meanwhile "
                     f"{sims_cpu:.2f} s), {calls} list calls, {report['sql_statements']} SQL "
                     f"statements, {report['rows_written']:,} rows written; verified "
                     f"{counts['verified']:,}, moved {counts['moved']:,}, unreachable "
@@ -1346,7 +1362,7 @@ class Bench:
                     f"instances {len(report['unreachable_instances'])}"
                 )
                 if report.get("timings"):
-                    # The pass's parts (lists and row read run at once).
+                    # The pass's parts (the lists and their COPY run at once).
                     self.note(
                         "  parts: "
                         + ", ".join(f"{k} {v:.2f} s" for k, v in report["timings"].items())
@@ -1365,8 +1381,82 @@ class Bench:
                     and report["sql_statements"] <= 8
                     and not report["unreachable_instances"],
                 )
+            if not a.no_leader:
+                await self.leader_passes(db, insts, len(rows))
         finally:
             fleet.stop()
+
+    async def leader_passes(self, db: Database, insts: Sequence[SimInstance], total: int) -> None:
+        """The same passes led by a serving replica (what its memory limit and probes must
+        allow): one after a tenth of the rows are made wrong again, one with nothing to fix.
+        Its peak RSS (VmHWM) and its /healthz answers meanwhile, asked every 0.1 s."""
+        import asyncpg
+
+        progress("starting one serving replica to lead passes")
+        leader = (await start_replicas(self.work, 1, self.base_env(insts), "leader", db.url))[0]
+        self.replicas.append(leader)
+        pid = leader.proc.pid
+        try:
+            before = rss_mib(pid)
+            waits: list[float] = []
+            sampling = True
+
+            async def sample() -> None:
+                conn = RawConn(leader.port)
+                try:
+                    while sampling:
+                        asked = time.perf_counter()
+                        await asyncio.wait_for(conn.request("GET", "/healthz"), 60)
+                        waits.append(time.perf_counter() - asked)
+                        await asyncio.sleep(0.1)
+                finally:
+                    await conn.close()
+
+            sampler = asyncio.ensure_future(sample())
+            for label in ("rows wrong again", "nothing to fix"):
+                if label == "rows wrong again":
+                    conn = await asyncpg.connect(db.url)
+                    try:
+                        # As after a fleet restart; the trigger off, as for the fill.
+                        await conn.execute(
+                            f"ALTER TABLE {TABLE} DISABLE TRIGGER session_proxy_notify"
+                        )
+                        changed = await conn.execute(
+                            f"UPDATE {TABLE} SET assigned_instance_url = $1 "
+                            "WHERE abs(hashtext(session_id)) % 10 = 0",
+                            insts[0].stored_form,
+                        )
+                        await conn.execute(
+                            f"ALTER TABLE {TABLE} ENABLE TRIGGER session_proxy_notify"
+                        )
+                    finally:
+                        await conn.close()
+                    progress(f"{changed.split()[-1]} rows pointed at {insts[0].stored_form}")
+                first = len(waits)
+                status, report = await self.admin(leader, "POST", "/_proxy/reconcile")
+                during = waits[first:]
+                if status != 200 or report is None or report.get("skipped"):
+                    self.note(f"leader, {label}: POST /_proxy/reconcile answered {status}")
+                    continue
+                self.note(
+                    f"leader, {label}: pass {report['seconds']:.2f} s, "
+                    f"{report['rows_written']:,} rows written; parts: "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in report["timings"].items())
+                    + f"; /healthz meanwhile: {len(during)} answers, worst "
+                    + (f"{max(during) * 1000:.0f} ms" if during else "-")
+                )
+            sampling = False
+            await sampler
+            peak, after = hwm_mib(pid), rss_mib(pid)
+            self.figure(
+                f"a serving replica leading passes over {total:,} sessions: memory",
+                f"RSS {before:.0f} MiB before, peak {peak:.0f} MiB (VmHWM), {after:.0f} MiB "
+                f"after; /healthz worst {max(waits) * 1000:.0f} ms of {len(waits)}",
+                "inside the Deployment's 1Gi limit; /healthz within the probes' 3 s timeout",
+                peak < 1024 and max(waits) < 3.0,
+            )
+        finally:
+            stop_replicas([leader])
 
     async def fetch_lists(self, insts: Sequence[SimInstance]) -> dict[str, float]:
         pids = _launcher_pids(self.work, "recon")
@@ -1452,6 +1542,8 @@ def run_reconcile(env: dict[str, str], timeout: float) -> dict[str, Any]:
         return {"report": None, "error": f"timed out after {timeout:g} s"}
     after = os.times()
     wall = time.monotonic() - started
+    # The largest reaped child so far: this command, when it is the biggest one yet.
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     cpu = (after.children_user - before.children_user) + (
         after.children_system - before.children_system
     )
@@ -1463,6 +1555,7 @@ def run_reconcile(env: dict[str, str], timeout: float) -> dict[str, Any]:
         "report": report,
         "wall": wall,
         "cpu": cpu,
+        "peak_mib": peak_mib,
         "exit": done.returncode,
         "bytes": len(done.stdout),
     }
@@ -1555,6 +1648,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reconcile-instances", type=int, default=None, help="(100)")
     p.add_argument("--reconcile-wrong", type=float, default=0.1)
     p.add_argument("--reconcile-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--no-leader",
+        action="store_true",
+        help="reconcile phase: leave out the passes led by a serving replica",
+    )
     p.add_argument(
         "--cached-lists",
         action="store_true",

@@ -1,7 +1,8 @@
 """Reconcile: the fleet's actual sessions against the database rows, in O(instances) calls.
 
-One list call per instance, one read of the active rows, one batched write of every move: the
-seed's 5-minute health check, done in a constant number of statements however many sessions
+One list call per instance, one comparison with the active rows inside Postgres (the lists
+COPYed in as they arrive, only the disagreeing rows read back), one batched write of every move:
+the seed's 5-minute health check, done in a constant number of statements however many sessions
 there are. With several replicas, a Postgres advisory lock lets exactly one of them do it.
 """
 
@@ -12,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from .discovery import Discovery, Inventory
 from .healing import DuplicateSettler
 from .instances import Instance, InstanceSet
 from .owners import choose_owner
-from .store import Lock, LockLost, Store, StoreUnavailable
+from .store import Lock, LockLost, Store, StoreUnavailable, listed_block
 
 log = logging.getLogger("session_proxy.reconcile")
 
@@ -137,8 +138,57 @@ class Report:
         return "\n".join(lines)
 
 
-def _status(entry: dict[str, Any]) -> str:
-    return str(entry.get("status") or "unknown")
+# (row's session id, row's owner, listed session id, listing URL), from Snapshot.disagreements
+Disagreement = tuple[str | None, str | None, str | None, str | None]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One spelling of an owner in the rows: the instance it names (None: none known), and
+    how many active rows spell it so."""
+
+    instance: Instance | None
+    rows: int
+
+
+class _Listing:
+    """The lists as they arrive: COPY blocks in a queue the snapshot's load reads, the sessions
+    found on more than one list (by set operations in C, a few ms a list), and of each list
+    only its ids and statuses (its parsed entries are let go: at a million sessions they are
+    most of a pass's memory)."""
+
+    def __init__(self) -> None:
+        self._blocks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._seen: set[str] = set()
+        self.several: set[str] = set()
+        self.lists: dict[str, tuple[list[str], list[Any]]] = {}  # url -> (ids, statuses)
+
+    def add(self, url: str, sessions: list[dict[str, Any]]) -> None:
+        kept = [
+            (sid, entry.get("status"))
+            for entry in sessions
+            if isinstance(entry, dict) and isinstance(sid := entry.get("session_id"), str)
+        ]
+        ids = [sid for sid, _ in kept]
+        self.lists[url] = (ids, [status for _, status in kept])
+        if self._seen:
+            self.several.update(self._seen.intersection(ids))
+        self._seen.update(ids)
+        self._blocks.put_nowait(listed_block(url, ids))
+
+    def in_order(self, urls: Iterable[str]) -> Iterator[tuple[str, list[str], list[Any]]]:
+        """(url, ids, statuses) of each list, in the given order of URLs."""
+        for url in urls:
+            if (kept := self.lists.get(url)) is not None:
+                yield url, kept[0], kept[1]
+
+    def end(self) -> None:
+        self._blocks.put_nowait(None)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while (block := await self._blocks.get()) is not None:
+            if block:
+                yield block
 
 
 class Reconciler:
@@ -212,26 +262,28 @@ class Reconciler:
         return report
 
     async def _pass(self, store: Store, report: Report, lock: Lock) -> None:
-        started = time.monotonic()
-        # The lists and the row read at once: the instances and Postgres work meanwhile. (Not
-        # the rows after the lists: a session started after its instance's list was taken
-        # would then be in a row and on no list, "lost", and restored elsewhere.)
-        reading = asyncio.ensure_future(self._read_rows(store, lock, started, report))
+        # The lists are COPYed into Postgres as they arrive, and Postgres returns only the rows
+        # and listed sessions that disagree (a tenth of a million rows, not all of them): the
+        # Python rules below then run on those alone.
+        listing = _Listing()
+        comparing = asyncio.ensure_future(self._compare(store, lock, listing, report))
         try:
-            inventory = await self._discovery.inventory()
+            inventory = await self._discovery.inventory(on_list=listing.add)
         except BaseException:
-            reading.cancel()
+            comparing.cancel()
             with contextlib.suppress(BaseException):
-                await reading
+                await comparing
             raise
+        finally:
+            listing.end()
         report.timings["inventory"] = round(inventory.seconds, 4)
-        rows = await reading
+        resolved, found = await comparing
         classified = time.monotonic()
-        # At a million sessions this is seconds of Python: in a thread, so the event loop that
-        # serves this replica's requests gets the interpreter every switch interval (5 ms)
-        # instead of waiting for the whole pass (6.3 s measured at 1,000,000 on the loop).
-        moves, extras, unreachable, resolved = await asyncio.to_thread(
-            self._classify, inventory, rows, report
+        # A pass that finds many rows wrong (a fleet restart) is still seconds of Python: in a
+        # thread, so the event loop serving this replica's requests gets the interpreter every
+        # switch interval (5 ms) instead of waiting for the whole of it.
+        moves, extras, unreachable = await asyncio.to_thread(
+            self._classify, inventory, listing, resolved, found, report
         )
         report.timings["classify"] = round(time.monotonic() - classified, 4)
         if report.dry_run:
@@ -241,10 +293,8 @@ class Reconciler:
             # lacks it), or is down or unknown. One that is up but did not answer may hold it.
             lost = [
                 (session_id, stored)
-                for session_id, stored in unreachable
-                if (was_on := resolved[stored]) is None
-                or not was_on.healthy
-                or was_on.url in inventory.sessions
+                for session_id, stored, was_on in unreachable
+                if was_on is None or not was_on.healthy or was_on.url in inventory.listed
             ]
             self._on_lost(lost)
         if moves:
@@ -267,74 +317,89 @@ class Reconciler:
                         },
                     )
 
+    async def _compare(
+        self, store: Store, lock: Lock, listing: _Listing, report: Report
+    ) -> tuple[dict[str | None, Resolved], list[Disagreement]]:
+        """The snapshot's side of a pass: the owners' spellings (each resolved to its
+        instance), the lists loaded as they come, and the rows and listed sessions that
+        disagree."""
+        started = time.monotonic()
+        async with store.snapshot(lock) as snapshot:
+            forms = await snapshot.forms()
+            resolved = {
+                form: Resolved(self._instances.resolve(form) if form is not None else None, count)
+                for form, count in forms.items()
+            }
+            canonical = {
+                form: found.instance.url
+                for form, found in resolved.items()
+                if form is not None and found.instance is not None
+            }
+            await snapshot.load(listing.stream())
+            report.timings["load"] = round(time.monotonic() - started, 4)
+            compared = time.monotonic()
+            disagreeing = await snapshot.disagreements(canonical)
+            report.timings["compare"] = round(time.monotonic() - compared, 4)
+        return resolved, disagreeing
+
     def _classify(
-        self, inventory: Inventory, rows: list[tuple[str, str | None]], report: Report
+        self,
+        inventory: Inventory,
+        listing: _Listing,
+        resolved: dict[str | None, Resolved],
+        found: list[Disagreement],
+        report: Report,
     ) -> tuple[
         dict[str, str],
         dict[str, tuple[Instance, list[Instance]]],
-        list[tuple[str, str | None]],
-        dict[str | None, Instance | None],
+        list[tuple[str, str | None, Instance | None]],
     ]:
-        """Each row against the lists: moves to write, duplicates, rows nobody holds (the
-        report is filled in as a side effect). Runs in a worker thread: it only reads the
-        instances' state and touches nothing else the event loop uses."""
-        report.inventory_calls = len(inventory.sessions) + len(inventory.failed)
+        """The rows and listed sessions that disagree, judged: moves to write, duplicates,
+        rows nobody holds (the report is filled in as a side effect). Every other active row
+        is verified: its owner lists it, and no other instance does. Runs in a worker thread:
+        it only reads the instances' state and touches nothing else the event loop uses."""
+        report.inventory_calls = len(inventory.listed) + len(inventory.failed)
         report.unreachable_instances = dict(inventory.failed)
-        # The first holder's URL per session, and (url, status) pairs only for sessions on
-        # several instances: these loops run once per session, and at a million of them every
-        # allocation shows. A single holder's status never matters: choose_owner of one
-        # candidate is that candidate.
-        first: dict[str, str] = {}
+        report.instances.update(inventory.listed)
+        rows: dict[str, str | None] = {}  # the disagreeing rows: session id -> stored owner
+        first: dict[str, str] = {}  # the listed sessions among them -> the URL listing it
+        several = listing.several
+        for row_sid, stored, listed_sid, listed_at in found:
+            if row_sid is not None:
+                rows[row_sid] = stored
+            if listed_sid is not None and listed_at is not None and listed_sid not in several:
+                first.setdefault(listed_sid, listed_at)
+        # (url, status) of every holder, for sessions on several lists only (so rare): a
+        # single holder's status never matters, as choose_owner of one candidate is that one.
         more: dict[str, list[tuple[str, str]]] = {}
-        for url, sessions in inventory.sessions.items():
-            report.instances[url] = len(sessions)
-            for entry in sessions:
-                if not isinstance(entry, dict):
-                    continue
-                session_id = entry.get("session_id")
-                if not isinstance(session_id, str):
-                    continue
-                seen = first.setdefault(session_id, url)
-                if seen is not url and seen != url:
-                    more.setdefault(session_id, []).append((url, _status(entry)))
-        if more:
-            # The first holders' statuses, from their own lists (duplicates only, so rare).
-            wanted: dict[str, set[str]] = {}
-            for session_id in more:
-                wanted.setdefault(first[session_id], set()).add(session_id)
-            for url, missing in wanted.items():
-                for entry in inventory.sessions[url]:
-                    if isinstance(entry, dict) and (sid := entry.get("session_id")) in missing:
-                        missing.discard(sid)
-                        more[sid].insert(0, (url, _status(entry)))
+        if several:
+            for url, ids, statuses in listing.in_order(inventory.listed):
+                for sid, status in zip(ids, statuses, strict=True):
+                    if sid in several:
+                        holders = more.setdefault(sid, [])
+                        if all(held != url for held, _ in holders):
+                            holders.append((url, str(status or "unknown")))
+            for sid, holders in more.items():
+                first[sid] = holders[0][0]
         by_url = {instance.url: instance for instance in self._instances.all}
-        # Every spelling first, so a move writes the form the table already uses for its target.
-        resolved = {stored: self._instances.resolve(stored) for stored in {r[1] for r in rows}}
-        stored_url = {stored: (i.url if i is not None else None) for stored, i in resolved.items()}
-        in_database = {row[0] for row in rows}
         moves: dict[str, str] = {}
         extras: dict[str, tuple[Instance, list[Instance]]] = {}
-        unreachable: list[tuple[str, str | None]] = []
+        unreachable: list[tuple[str, str | None, Instance | None]] = []
         verified = report.verified
         limit = report.list_limit
-        for session_id, stored in rows:
+        for session_id, stored in rows.items():
+            stored_instance = resolved[stored].instance if stored in resolved else None
             held_at = first.get(session_id)
             if held_at is None:
-                unreachable.append((session_id, stored))
-                continue
-            if held_at == stored_url[stored] and session_id not in more:
-                # One holder, and it is the row's owner: what choose_owner would say.
-                if len(verified) < limit:
-                    verified.append(session_id)
+                unreachable.append((session_id, stored, stored_instance))
                 continue
             held = [
                 (instance, status)
                 for url, status in more.get(session_id) or ((held_at, ""),)
                 if (instance := by_url.get(url)) is not None
             ]
-            stored_instance = resolved[stored]
             if not held:
-                unreachable.append((session_id, stored))
+                unreachable.append((session_id, stored, stored_instance))
                 continue
             # The same rule routing uses, so the row written here is the copy every replica
             # picks: the row's owner if it holds the session connected, else a connected copy.
@@ -358,10 +423,20 @@ class Reconciler:
                 continue
             moves[session_id] = owner.alias
             report.add("moved", {"session_id": session_id, "from": stored, "to": owner.alias})
-        report.totals["verified"] = len(rows) - len(moves) - len(unreachable)
-        for session_id, stored in unreachable:
+        rows_in_all = sum(r.rows for r in resolved.values())
+        report.totals["verified"] = rows_in_all - len(moves) - len(unreachable)
+        # The listed sessions Postgres did not return are verified ones: list the first.
+        for _, ids, _ in listing.in_order(inventory.listed):
+            if len(verified) >= limit:
+                break
+            for sid in ids:
+                if len(verified) >= limit:
+                    break
+                if sid not in first and sid not in rows:
+                    verified.append(sid)
+        for session_id, stored, _ in unreachable:
             report.add("unreachable", {"session_id": session_id, "stored": stored})
-        for session_id in first.keys() - in_database:
+        for session_id in first.keys() - rows.keys():
             report.add(
                 "unknown",
                 {
@@ -371,15 +446,7 @@ class Reconciler:
                     ],
                 },
             )
-        return moves, extras, unreachable, resolved
-
-    @staticmethod
-    async def _read_rows(
-        store: Store, lock: Lock, started: float, report: Report
-    ) -> list[tuple[str, str | None]]:
-        rows = await store.active_rows(lock)
-        report.timings["read_rows"] = round(time.monotonic() - started, 4)
-        return rows
+        return moves, extras, unreachable
 
     def _healthy(self, url: str) -> bool:
         instance = self._instances.get(url)

@@ -1,4 +1,5 @@
-"""Reconcile: one inventory call per instance, one read, one batched write, one leader."""
+"""Reconcile: one inventory call per instance, one comparison in Postgres, one batched write,
+one leader."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from tests.conftest import API_KEY
 from tests.helpers.faults import FaultyHop
 from tests.helpers.postgres import TempDatabase
 from tests.helpers.processes import Simulator, free_port
-from tests.test_postgres import add_rows, laravel_form, migrate
+from tests.test_postgres import add_rows, laravel_form, migrate, row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +115,9 @@ def test_ten_thousand_sessions_thirty_percent_wrong_fixed_in_one_pass(
     assert report["rows_written"] == len(wrong)
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
     assert report["inventory_calls"] == 4
-    assert report["sql_statements"] == 4  # lock, read, write, unlock: whatever the row count
+    # Whatever the row count: lock; begin and the lists' table; the owners' spellings; the
+    # lists' COPY; the disagreeing rows; commit; the write; unlock.
+    assert report["sql_statements"] == 8
     correct = pg_database.fetch(
         "SELECT count(*) AS n FROM whatsapp_accounts w JOIN unnest($1::text[], $2::text[]) "
         "AS e(sid, url) ON w.session_id = e.sid AND w.assigned_instance_url = e.url",
@@ -183,6 +187,46 @@ def test_exit_codes_when_things_are_unreachable(tmp_path: Path, pg_database: Tem
         assert "database unreachable" in out
     finally:
         a.stop()
+
+
+def test_a_session_started_while_the_lists_come_in_is_not_lost(
+    tmp_path: Path, pg_database: TempDatabase
+) -> None:
+    """The rows are compared as they were when the lists were asked: a session started on an
+    instance after its list was taken, its row written meanwhile, is on no list the pass has.
+    Compared with the rows as they are after the lists, it would be "unreachable" (and, with
+    RESTORE=on, re-created elsewhere: a second copy)."""
+    a = Simulator.start(tmp_path, "a", sessions=["old"], api_key=API_KEY)
+    b = Simulator.start(tmp_path, "b", sessions=["b1"], api_key=API_KEY)
+    slow = FaultyHop(b.port).start()
+    try:
+        migrate(pg_database.url, "--create-table")
+        add_rows(pg_database, {"old": laravel_form(a), "b1": slow.url})
+        slow.set_mode("latency", seconds=2.0)  # b's list comes ~4 s after a's
+        done: list[tuple[int, str]] = []
+        passing = threading.Thread(
+            target=lambda: done.append(run_reconcile(pg_database.url, [a.url, slow.url], "--json"))
+        )
+        passing.start()
+        deadline = time.monotonic() + 30
+        while list_calls(a) == 0:
+            assert time.monotonic() < deadline, "a's list was never asked"
+            time.sleep(0.02)
+        a.add_session("late")
+        add_rows(pg_database, {"late": laravel_form(a)})
+        passing.join(60)
+        assert done, "the pass did not end"
+    finally:
+        slow.stop()
+        a.stop()
+        b.stop()
+    code, out = done[0]
+    assert code == 0, out
+    report = report_of(out)
+    assert list_calls(a) == 1
+    assert report["counts"]["unreachable"] == 0, report["unreachable"]
+    assert report["counts"]["verified"] == 2  # old and b1; late is for the next pass
+    assert row(pg_database, "late")["assigned_instance_url"] == laravel_form(a)
 
 
 def test_two_replicas_reconciling_at_once_exactly_one_writes(

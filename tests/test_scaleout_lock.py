@@ -122,7 +122,8 @@ async def test_a_lost_lock_is_not_a_database_outage(pg_database: TempDatabase) -
             else:
                 raise AssertionError("a write on a dead lock connection succeeded")
             try:
-                await store.active_rows(lock)
+                async with store.snapshot(lock) as snapshot:
+                    await snapshot.forms()
             except LockLost:
                 pass
             else:
@@ -136,7 +137,8 @@ async def test_a_lost_lock_is_not_a_database_outage(pg_database: TempDatabase) -
         assert store.up, store.last_error
         async with store.lead() as lock:
             assert lock is not None
-            assert await store.active_rows(lock) == [("s1", "http://old:1")]
+            async with store.snapshot(lock) as snapshot:
+                assert await snapshot.forms() == {"http://old:1": 1}
     finally:
         await store.close()
 
