@@ -4,6 +4,7 @@ against every request it held up instead of quietly slowing the load down (what 
 wrk2 is not packaged for Debian).
 
     python bench/pacer.py PORT RATE CONNECTIONS SECONDS REQUESTS.json [WARMUP]
+    python bench/pacer.py PORT,PORT,... RATE CONNECTIONS SECONDS A.json,B.json,... [WARMUP]
 
 ``REQUESTS.json`` is a list of raw requests (latin-1 strings) sent in turn. Request ``k`` is due
 at ``start + k / RATE`` on connection ``k % CONNECTIONS``; if that connection still waits for
@@ -11,7 +12,9 @@ an earlier answer, the request waits for it (and that wait counts in its latency
 one thread, ``select`` (microsecond timeouts, where ``epoll``'s are milliseconds), blocking
 nowhere. Prints one JSON object: the latencies (us) of the requests due after ``WARMUP`` s,
 how late each request whose connection was free went out against its schedule (the pacer's
-own jitter), and the errors.
+own jitter), and the errors. With several ports (and as many request files), each target
+gets its own connections and its own schedule at RATE, the schedules interleaved in one loop
+(``run_interleaved``), and the output is a list, one object per target.
 """
 
 from __future__ import annotations
@@ -74,49 +77,99 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
+class Target:
+    """One target's connections, schedule and results within a run."""
+
+    def __init__(
+        self, port: int, requests: list[bytes], connections: int, offset: float, total: int
+    ) -> None:
+        self.conns = [Conn(port) for _ in range(connections)]
+        self.requests = requests
+        self.offset = offset  # its schedule's shift, so interleaved targets alternate
+        self.total = total
+        self.k = 0  # requests scheduled so far
+        self.sent = 0
+        self.answered = 0
+        self.latencies: list[int] = []
+        self.lateness: list[int] = []
+        self.errors = {"status": 0, "closed": 0, "timeout": 0}
+
+    def result(self, rate: float, seconds: float) -> dict[str, object]:
+        return {
+            "rate": rate,
+            "connections": len(self.conns),
+            "seconds": seconds,
+            "counted": len(self.latencies),
+            "latencies_us": self.latencies,
+            "p50_us": percentile(self.latencies, 50),
+            "p99_us": percentile(self.latencies, 99),
+            "send_late_p50_us": percentile(self.lateness, 50),
+            "send_late_p99_us": percentile(self.lateness, 99),
+            "send_late_max_us": max(self.lateness, default=0),
+            "errors": self.errors,
+        }
+
+
 def run(
     port: int, rate: float, connections: int, seconds: float, requests: list[bytes], warmup: float
 ) -> dict[str, object]:
-    conns = [Conn(port) for _ in range(connections)]
-    by_fd = {c.sock.fileno(): c for c in conns}
+    return run_interleaved([(port, requests)], rate, connections, seconds, warmup)[0]
+
+
+def run_interleaved(
+    targets: list[tuple[int, list[bytes]]],
+    rate: float,
+    connections: int,
+    seconds: float,
+    warmup: float,
+) -> list[dict[str, object]]:
+    """Every target at ``rate`` on its own ``connections``, in one loop: target ``t``'s request
+    ``k`` is due at ``start + (k + t / len(targets)) / rate``. A stall of the machine (or of
+    this process) then falls on all of them alike, instead of on whichever ran at the time."""
     total = int(rate * seconds)
     interval = 1.0 / rate
-    latencies: list[int] = []
-    lateness: list[int] = []
-    errors = {"status": 0, "closed": 0, "timeout": 0}
+    runs = [
+        Target(port, requests, connections, t * interval / len(targets), total)
+        for t, (port, requests) in enumerate(targets)
+    ]
+    by_fd = {c.sock.fileno(): (r, c) for r in runs for c in r.conns}
     start = time.perf_counter() + 0.05
     counted_from = start + warmup
-    k = answered = 0
     deadline = start + seconds + 10
-    sent = [0]
 
-    def send(conn: Conn, due: float, now: float, idle: bool) -> None:
+    def send(r: Target, conn: Conn, due: float, now: float, idle: bool) -> None:
         conn.sent_at = due
-        conn.sock.send(requests[sent[0] % len(requests)])
-        sent[0] += 1
+        conn.sock.send(r.requests[r.sent % len(r.requests)])
+        r.sent += 1
         # Only a request whose connection was free when it fell due shows the pacer's own
         # lateness; one sent as the answer before it arrived waited for the target.
         if idle and due >= counted_from:
-            lateness.append(int((now - due) * 1e6))
+            r.lateness.append(int((now - due) * 1e6))
 
-    while answered < total:
+    def next_due(r: Target) -> float:
+        return start + r.offset + r.k * interval
+
+    while any(r.answered < r.total for r in runs):
         now = time.perf_counter()
         if now > deadline:
-            errors["timeout"] += total - answered
+            for r in runs:
+                r.errors["timeout"] += r.total - r.answered
             break
-        while k < total and start + k * interval <= now:
-            conns[k % connections].due.append(start + k * interval)
-            k += 1
-        for conn in conns:
-            if conn.sent_at is None and conn.due:
-                send(conn, conn.due.popleft(), time.perf_counter(), True)
-        waiting = [c.sock for c in conns if c.sent_at is not None]
-        wait = max(0.0, start + k * interval - time.perf_counter()) if k < total else 0.5
+        for r in runs:
+            while r.k < r.total and next_due(r) <= now:
+                r.conns[r.k % len(r.conns)].due.append(next_due(r))
+                r.k += 1
+            for conn in r.conns:
+                if conn.sent_at is None and conn.due:
+                    send(r, conn, conn.due.popleft(), time.perf_counter(), True)
+        waiting = [c.sock for r in runs for c in r.conns if c.sent_at is not None]
+        pending = [next_due(r) for r in runs if r.k < r.total]
+        wait = max(0.0, min(pending) - time.perf_counter()) if pending else 0.5
         readable = select.select(waiting, [], [], wait)[0] if waiting else []
         if not waiting and wait > 0:
             time.sleep(wait)
         for sock in readable:
-            conn = by_fd[sock.fileno()]
+            r, conn = by_fd[sock.fileno()]
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, InterruptedError):
@@ -125,47 +178,41 @@ def run(
                 data = b""
             got = time.perf_counter()
             if not data:
-                errors["closed"] += 1
-                answered += 1
+                r.errors["closed"] += 1
+                r.answered += 1
                 del by_fd[sock.fileno()]
                 conn.reopen()
-                by_fd[conn.sock.fileno()] = conn
+                by_fd[conn.sock.fileno()] = (r, conn)
                 continue
             conn.buf += data
             while conn.sent_at is not None and (end := answer_end(conn.buf)) is not None:
                 status, length = end
                 del conn.buf[:length]
                 if conn.sent_at >= counted_from:
-                    latencies.append(int((got - conn.sent_at) * 1e6))
+                    r.latencies.append(int((got - conn.sent_at) * 1e6))
                 if status >= 400:
-                    errors["status"] += 1
-                answered += 1
+                    r.errors["status"] += 1
+                r.answered += 1
                 conn.sent_at = None
                 if conn.due:
-                    send(conn, conn.due.popleft(), got, False)
-    for conn in conns:
-        conn.sock.close()
-    return {
-        "rate": rate,
-        "connections": connections,
-        "seconds": seconds,
-        "counted": len(latencies),
-        "latencies_us": latencies,
-        "p50_us": percentile(latencies, 50),
-        "p99_us": percentile(latencies, 99),
-        "send_late_p50_us": percentile(lateness, 50),
-        "send_late_p99_us": percentile(lateness, 99),
-        "send_late_max_us": max(lateness, default=0),
-        "errors": errors,
-    }
+                    send(r, conn, conn.due.popleft(), got, False)
+    for r in runs:
+        for conn in r.conns:
+            conn.sock.close()
+    return [r.result(rate, seconds) for r in runs]
 
 
 def main(argv: list[str]) -> int:
     port, rate, connections, seconds, path = argv[:5]
     warmup = float(argv[5]) if len(argv) > 5 else 0.5
-    requests = [r.encode("latin-1") for r in json.loads(Path(path).read_text())]
-    result = run(int(port), float(rate), int(connections), float(seconds), requests, warmup)
-    print(json.dumps(result))
+    # PORT,PORT,... with PATH,PATH,...: those targets interleaved; one JSON list of results.
+    ports, paths = port.split(","), path.split(",")
+    targets = [
+        (int(p), [r.encode("latin-1") for r in json.loads(Path(f).read_text())])
+        for p, f in zip(ports, paths, strict=True)
+    ]
+    results = run_interleaved(targets, float(rate), int(connections), float(seconds), warmup)
+    print(json.dumps(results if len(targets) > 1 else results[0]))
     return 0
 
 

@@ -1042,6 +1042,8 @@ def print_report(report: dict[str, Any]) -> None:
         print("floors: " + "; ".join(f"{name} = {what}" for name, what in FLOORS))
     if report.get("paced"):
         print_paced(report)
+    if report.get("paced_interleaved"):
+        print_paced(report, "paced_interleaved")
     if report.get("layers") or report.get("layer_notes"):
         print_layers(report)
     if "memory" not in report:
@@ -2095,24 +2097,40 @@ PACED_WARMUP = 0.2  # s at the start of each paced run not counted (its connecti
 def run_pacer(
     port: int, requests: Path, rate: float, connections: int, seconds: float
 ) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "pacer.py")]
-    cmd += [str(port), str(rate), str(connections), str(seconds + PACED_WARMUP), str(requests)]
-    cmd.append(str(PACED_WARMUP))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 40)
-    if done.returncode != 0:
-        raise RuntimeError(f"pacer failed ({done.returncode}): {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
+    result: dict[str, Any] = run_pacers([port], [requests], rate, connections, seconds)[0]
     return result
 
 
+def run_pacers(
+    ports: Sequence[int], requests: Sequence[Path], rate: float, connections: int, seconds: float
+) -> list[dict[str, Any]]:
+    """One pacer process; with several targets their schedules interleaved (bench/pacer.py)."""
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "pacer.py")]
+    cmd += [",".join(map(str, ports)), str(rate), str(connections), str(seconds + PACED_WARMUP)]
+    cmd += [",".join(map(str, requests)), str(PACED_WARMUP)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 40)
+    if done.returncode != 0:
+        raise RuntimeError(f"pacer failed ({done.returncode}): {done.stderr[-2000:]}")
+    result = json.loads(done.stdout)
+    return result if isinstance(result, list) else [result]
+
+
 def paced_matrix(
-    work: Path, targets: list[Target], rate: float, connections: int, seconds: float, rounds: int
+    work: Path,
+    targets: list[Target],
+    rate: float,
+    connections: int,
+    seconds: float,
+    rounds: int,
+    interleaved: bool = False,
 ) -> list[dict[str, Any]]:
     """Each target and shape at ``rate`` requests a second over ``connections``, ``seconds``
     counted per run (after ``PACED_WARMUP``), the targets one after the other in each round
     and in reverse order every other round, so that a burst of load from elsewhere on the
     machine falls on all of them alike; the latencies of all rounds pooled, then p50 and p99.
-    "added" is over direct's."""
+    "added" is over direct's. ``interleaved``: the targets at once instead, each at ``rate``
+    on its own connections, their schedules interleaved in one pacer: a stall of the machine
+    lands on all of them in the same round, not on whichever ran then."""
     paths: dict[tuple[str, str], Path] = {}
     for target in targets:
         for shape in SHAPES:
@@ -2121,10 +2139,32 @@ def paced_matrix(
             path.write_text(json.dumps(raw_requests(shape, ids)))
             paths[target.name, shape] = path
     pooled: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    total, done = rounds * len(SHAPES) * len(targets), 0
+    total, done = rounds * len(SHAPES) * (1 if interleaved else len(targets)), 0
     for round_no in range(rounds):
         for shape in SHAPES:
-            for target in targets[::-1] if round_no % 2 else targets:
+            order = targets[::-1] if round_no % 2 else targets
+            if interleaved:
+                # All targets in one pacer process, their schedules interleaved.
+                runs = run_pacers(
+                    [t.port for t in order],
+                    [paths[t.name, shape] for t in order],
+                    rate,
+                    connections,
+                    seconds,
+                )
+                for target, got in zip(order, runs, strict=True):
+                    pooled.setdefault((target.name, shape), []).append(got)
+                done += 1
+                progress(
+                    f"[paced interleaved {done}/{total}] round {round_no + 1} {shape}: "
+                    + ", ".join(
+                        f"{t.name} p99 {g['p99_us'] / 1000:.2f} ms "
+                        f"(late {g['send_late_p99_us'] / 1000:.2f})"
+                        for t, g in zip(order, runs, strict=True)
+                    )
+                )
+                continue
+            for target in order:
                 got = run_pacer(target.port, paths[target.name, shape], rate, connections, seconds)
                 pooled.setdefault((target.name, shape), []).append(got)
                 done += 1
@@ -2244,10 +2284,12 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
             {k: round(v - floor[k], 1) for k, v in cpu("proxy").items() if k in floor},
             kind="difference",
         )
-    paced = {(p["target"], p["shape"]): p for p in report.get("paced", [])}
-    if paced:
-        first = report["paced"][0]
-        label = f"paced {first['rate']:g}/s c{first['connections']}"
+    for key, mode in (("paced", ""), ("paced_interleaved", "paced interleaved")):
+        paced = {(p["target"], p["shape"]): p for p in report.get(key, [])}
+        if not paced:
+            continue
+        first = report[key][0]
+        label = f"{mode or 'paced'} {first['rate']:g}/s c{first['connections']}"
         for target in PACED_TARGETS:
             for q in ("p50", "p99"):
                 row(
@@ -2310,7 +2352,7 @@ def print_summary(rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
         "medians of the rounds;\n  paced = open-loop pacer, latencies of all rounds pooled; "
         "layer cost = against the plain proxy, median of the round-by-round differences)"
     )
-    head = f"{'figure':<44} {'unit':<4}" + "".join(f"{c:>10}" for c in COLUMNS) + "  goal"
+    head = f"{'figure':<56} {'unit':<4}" + "".join(f"{c:>10}" for c in COLUMNS) + "  goal"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -2327,7 +2369,7 @@ def print_summary(rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
                 cells.append(f"{v:>10.1f}")
             else:
                 cells.append(f"{v:>10,.0f}")
-        print(f"{r['figure']:<44} {r['unit']:<4}" + "".join(cells) + f"  {r['goal']}")
+        print(f"{r['figure']:<56} {r['unit']:<4}" + "".join(cells) + f"  {r['goal']}")
     print(f"load: {report['settings']['uptime_start']}\n   -> {report['settings']['uptime_end']}")
 
 
@@ -2377,7 +2419,7 @@ def print_repeat(diffs: list[dict[str, Any]]) -> None:
         f"{REPEAT_FLOOR['us']:g} us or {REPEAT_FLOOR['ms']:g} ms)"
     )
     figures = list(dict.fromkeys(d["figure"] for d in diffs))
-    head = f"{'figure':<44}" + "".join(f"{c:>18}" for c in COLUMNS)
+    head = f"{'figure':<56}" + "".join(f"{c:>18}" for c in COLUMNS)
     print(head)
     print("-" * len(head))
     by = {(d["figure"], d["column"]): d for d in diffs}
@@ -2392,7 +2434,7 @@ def print_repeat(diffs: list[dict[str, Any]]) -> None:
             change = "n/a" if d["change"] is None else f"{d['change']:+.0%}"
             text = f"{d['first']:{fmt}}>{d['second']:{fmt}} {change}" + ("!" if d["flag"] else "")
             cells.append(f"{text:>18}")
-        print(f"{figure:<44}" + "".join(cells))
+        print(f"{figure:<56}" + "".join(cells))
     flagged = [d for d in diffs if d["flag"]]
     print(
         f"{len(flagged)} of {len(diffs)} figures moved more than {REPEAT_TOLERANCE:.0%} "
@@ -2430,11 +2472,13 @@ def print_layers(report: dict[str, Any]) -> None:
         )
 
 
-def print_paced(report: dict[str, Any]) -> None:
-    rows = report["paced"]
+def print_paced(report: dict[str, Any], key: str = "paced") -> None:
+    rows = report[key]
     first = rows[0]
+    how = " (the targets at once, schedules interleaved)" if key == "paced_interleaved" else ""
     print(
-        f"\npaced latency: {first['rate']:g} requests/s over {first['connections']} connections, "
+        f"\npaced latency{how}: {first['rate']:g} requests/s over {first['connections']} "
+        "connections, "
         "open loop (bench/pacer.py; latency from each request's scheduled time),\n  all rounds "
         "pooled; added = over direct; late p99 = how late the pacer itself sent (median of rounds)"
     )
@@ -2593,6 +2637,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 PACED_CONNECTIONS,
                 args.paced_seconds,
                 args.paced_rounds,
+            )
+            report["paced_interleaved"] = paced_matrix(
+                work,
+                paced,
+                args.paced_rate,
+                PACED_CONNECTIONS,
+                args.paced_seconds,
+                args.paced_rounds,
+                interleaved=True,
             )
         for proc in (proxy, *layer_procs.values()):
             stop(proc)

@@ -31,7 +31,10 @@ Phases (``--phases``, all by default), each printed when done and again in the s
   twice (the second pass finds nothing to fix); and the instances' lists fetched directly, for
   how much of the pass is the simulators' own time. ``--cached-lists`` has each instance answer
   its list from its first answer, so the pass's time is the proxy's and Postgres's (on one
-  machine the instances' own list work competes for the same cores).
+  machine the instances' own list work competes for the same cores). Then the same passes led
+  by one serving replica (``POST /_proxy/reconcile``, after a tenth of the rows are made wrong
+  again, and once with nothing to fix): its peak RSS (VmHWM) and its ``/healthz`` answers,
+  asked every 0.1 s meanwhile (``--no-leader`` leaves this out).
 
 Everything is bounded: ``--time-limit`` for the whole run, a deadline for every wait.
 """
