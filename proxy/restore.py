@@ -12,10 +12,11 @@ Only for instances that share session state (RemoteAuth, a shared volume): elsew
 started on another instance waits for a new QR scan, and is reported failed.
 
 Exactly one replica restores a session: with a database, the worker holds the advisory lock
-``restore`` while it has work, and every session is looked up in the fleet just before it is
-started, so a session that came back meanwhile (the instance restarted, another replica got there
-first) is left alone. Without a database the sessions are the ones this proxy knows were there
-(its routing table, the creates it placed): a single replica's view.
+``restore`` while it has work (and stops the moment that lock's connection closes), and every
+session is looked up in the fleet just before it is started, so a session that came back
+meanwhile (the instance restarted, another replica got there first) is left alone. Without a
+database the sessions are the ones this proxy knows were there (its routing table, the creates
+it placed): a single replica's view.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .errors import ProxyError
 from .instances import Instance
 from .owners import CONNECTED
 from .starts import Starter, StartFailed
-from .store import CreateFields, Store, StoreUnavailable
+from .store import CreateFields, LockLost, Store, StoreUnavailable
 
 log = logging.getLogger("session_proxy.restore")
 
@@ -147,10 +148,17 @@ class Restorer:
                 await self._restore_queued()
                 continue
             try:
-                async with self._store.leader("restore") as leading:
-                    self.leading = leading
-                    if leading:
-                        await self._restore_queued()
+                async with self._store.lead("restore") as lock:
+                    self.leading = lock is not None
+                    if lock is not None:
+                        # Stopped the moment the lock's connection closes: another replica
+                        # may hold the lock then, and two restoring at once start copies.
+                        await lock.guard(self._restore_queued())
+            except LockLost as error:
+                log.warning(
+                    "restore stopped: the restore lock was lost with its database connection",
+                    extra={"error": str(error), "waiting": len(self._queue)},
+                )
             except StoreUnavailable as error:
                 log.warning("restore waits for the database", extra={"error": str(error)})
             finally:
@@ -202,8 +210,15 @@ class Restorer:
         while self._queue:
             batch = list(self._queue.values())
             self._queue.clear()
-            await self._fill_fields(batch)
-            await asyncio.gather(*(one(item) for item in batch))
+            try:
+                await self._fill_fields(batch)
+                await asyncio.gather(*(one(item) for item in batch))
+            except BaseException:
+                # Cut short (the lock lost): the batch waits for the next turn. Each session
+                # is looked up again before it is started, so the finished ones are not redone.
+                for item in batch:
+                    self._queue.setdefault(item.session_id, item)
+                raise
 
     async def _fill_fields(self, batch: list[_Lost]) -> None:
         missing = [item for item in batch if item.fields is None]

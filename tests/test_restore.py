@@ -7,6 +7,7 @@ is off (they restart empty), so whatever comes back was brought back by the prox
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from tests.helpers.postgres import TempDatabase
 from tests.helpers.processes import ProxyProcess, Simulator
 from tests.helpers.traffic import post_send, wait_for
 from tests.test_postgres import migrate
+from tests.test_scaleout_lock import terminate_and_wait
+from tests.test_scaleout_properties import LOCK_HOLDERS
 
 TOKEN = "restore-admin-token"
 
@@ -276,3 +279,81 @@ def test_without_shared_state_a_restore_fails_is_reported_and_leaves_no_copy(
         proxy.stop()
         for sim in live:
             sim.stop()
+
+
+RESTORE_LOCK_KEY = "session-proxy-reconcile:whatsapp_accounts:restore"
+
+
+def test_a_restorer_whose_lock_connection_dies_stops_and_nothing_starts_twice(
+    tmp_path: Path, pg_database: TempDatabase
+) -> None:
+    """The restore lock's connection is cut while its holder is restoring: the holder stops at
+    once (another replica may take the lock now), the sessions it had not finished are restored
+    by whoever holds the lock next, and every session is started exactly once."""
+    migrate(pg_database.url, "--create-table")
+    pg_database.execute("ALTER TABLE whatsapp_accounts ADD COLUMN workspace_id integer")
+    ids = [sid(n) for n in range(16)]
+    dead = Simulator.start(tmp_path, "dead", api_key=API_KEY, sessions=ids)
+    live = [
+        Simulator.start(tmp_path, f"live{n}", api_key=API_KEY, connect_delay=0.5) for n in range(2)
+    ]
+    for session_id in ids:
+        pg_database.execute(
+            "INSERT INTO whatsapp_accounts (session_id, assigned_instance_url, workspace_id) "
+            "VALUES ($1, $2, 1)",
+            session_id,
+            dead.url,
+        )
+    replicas = [
+        ProxyProcess.start(
+            tmp_path,
+            proxy_env(
+                [dead, *live],
+                SESSION_PROXY_DATABASE_URL=f"{pg_database.url}?application_name=restorer{n}",
+                SESSION_PROXY_RESTORE_CONCURRENCY="1",
+            ),
+            ready_path="/readyz",
+        )
+        for n in range(2)
+    ]
+    try:
+        dead.kill()
+        # The cut lands mid-restore: the lock held and the first starts made.
+        holder = wait_for(
+            lambda: (
+                rows[0]
+                if (rows := pg_database.fetch(LOCK_HOLDERS, RESTORE_LOCK_KEY))
+                and any(sim.events("session_started") for sim in live)
+                else None
+            ),
+            30,
+            "a replica restoring",
+        )
+        cut_at = len([e for sim in live for e in sim.events("session_started")])
+        asyncio.run(terminate_and_wait(pg_database.url, holder["pid"]))
+        wait_for(
+            lambda: (
+                all(
+                    holders(live, s) == [(h[0][0], "connected")]
+                    for s in ids
+                    if (h := holders(live, s))
+                )
+                and all(holders(live, s) for s in ids)
+            ),
+            60,
+            "every session connected on one live instance",
+        )
+        starts = [e for sim in live for e in sim.events("session_started")]
+        logs = "\n".join(p.log_text() for p in replicas)
+    finally:
+        for proxy in replicas:
+            proxy.stop()
+        for sim in live:
+            sim.stop()
+    print(
+        f"\nrestore lock cut after {cut_at} of {len(ids)} starts ({holder['application_name']}); "
+        f"{len(starts)} starts in all"
+    )
+    assert cut_at < len(ids), "the cut came after the restore was done"
+    assert sorted(e["session_id"] for e in starts) == sorted(ids)  # each exactly once
+    assert "restore stopped: the restore lock was lost" in logs
