@@ -170,6 +170,14 @@ class _Listing:
             if isinstance(entry, dict) and isinstance(sid := entry.get("session_id"), str)
         ]
         ids = [sid for sid, _ in kept]
+        if "\x00" in "".join(ids):
+            # No text column holds a NUL, so no row has such an id: left out of the pass.
+            kept = [(sid, status) for sid, status in kept if "\x00" not in sid]
+            log.warning(
+                "instance listed session ids with a NUL; left out",
+                extra={"instance": url, "ids": len(ids) - len(kept)},
+            )
+            ids = [sid for sid, _ in kept]
         self.lists[url] = (ids, [status for _, status in kept])
         if self._seen:
             self.several.update(self._seen.intersection(ids))

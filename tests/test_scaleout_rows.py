@@ -124,3 +124,17 @@ async def test_a_failing_block_rolls_back_and_leaves_the_connection_clean(
         assert await store.owner("s1") == "http://localhost:1"
     finally:
         await store.close()
+
+
+async def test_a_listed_id_postgres_cannot_hold_is_left_out(pg_database: TempDatabase) -> None:
+    """An instance that lists an id with a NUL (no text column can hold one) does not fail the
+    COPY, and the pass with it, for every other instance: that id is left out."""
+    migrate(pg_database.url, "--create-table")
+    add_rows(pg_database, {"s1": "http://localhost:1"})
+    lists = {
+        "http://localhost:1": ["s1", "bad\x00id"],
+        "http://localhost:2": ["s2"],
+        "http://localhost:3": ["only\x00bad"],
+    }
+    _, found = await compare(pg_database, lists, {"http://localhost:1": "http://localhost:1"})
+    assert found == [(None, None, "s2", "http://localhost:2")]
