@@ -304,7 +304,14 @@ class ProxyApp:
                 self.health.record_failure(answer.instance, error.detail)
                 error.attempts = answer.attempts
                 error.instance = answer.instance.url
-                raise
+                if not (request.safe_to_repeat and request.can_resend):
+                    raise
+                # The answer broke off before its body (an instance killed mid-answer): a
+                # request safe to repeat is asked again, once, as a reset before it would be.
+                metrics.REPLAYS.labels(error.code).inc()
+                answer = await self._dispatch(target, session_id, request)
+                response = answer.response
+                content = answer.body if answer.body is not None else await buffered_body(response)
             headers = response_headers(
                 response, answer.instance.url, request_id.encode("latin-1"), answer.attempts
             )
