@@ -2630,23 +2630,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         if not args.no_paced:
             paced = [t for t in targets if t.name in PACED_TARGETS]
-            report["paced"] = paced_matrix(
-                work,
-                paced,
-                args.paced_rate,
-                PACED_CONNECTIONS,
-                args.paced_seconds,
-                args.paced_rounds,
-            )
-            report["paced_interleaved"] = paced_matrix(
-                work,
-                paced,
-                args.paced_rate,
-                PACED_CONNECTIONS,
-                args.paced_seconds,
-                args.paced_rounds,
-                interleaved=True,
-            )
+            for key, interleaved in (("paced", False), ("paced_interleaved", True)):
+                report[key] = paced_matrix(
+                    work,
+                    paced,
+                    args.paced_rate,
+                    PACED_CONNECTIONS,
+                    args.paced_seconds,
+                    args.paced_rounds,
+                    interleaved=interleaved,
+                )
         for proc in (proxy, *layer_procs.values()):
             stop(proc)
         if other is not None:

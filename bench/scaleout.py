@@ -363,25 +363,24 @@ def status_target(session_id: str) -> str:
 # --- processes: proxies, redis, rss ---------------------------------------------------------------
 
 
-def rss_mib(pid: int) -> float:
+def _status_mib(pid: int, field: str) -> float:
+    """A memory figure of /proc/<pid>/status (``VmRSS``, ``VmHWM``), in MiB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmRSS")
 
 
 def hwm_mib(pid: int) -> float:
     """The process's peak resident memory so far (VmHWM)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _status_mib(pid, "VmHWM")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -151,14 +151,13 @@ def test_a_dead_instances_sessions_are_restored_and_held_sends_delivered(
         proxy.stop()
 
 
-def test_restores_are_bounded_per_instance_and_made_once_across_replicas(
-    tmp_path: Path, pg_database: TempDatabase
-) -> None:
-    """Two replicas share a database: each lost session is started once, from its row (account
-    id = the row's id), never more than RESTORE_CONCURRENCY at a time on one instance."""
+def dead_and_live(
+    tmp_path: Path, pg_database: TempDatabase, ids: list[str]
+) -> tuple[Simulator, list[Simulator]]:
+    """An instance holding ``ids`` (their rows name it, workspace 1) and two live ones that
+    start sessions in 0.5 s; the caller kills the first and stops the others."""
     migrate(pg_database.url, "--create-table")
     pg_database.execute("ALTER TABLE whatsapp_accounts ADD COLUMN workspace_id integer")
-    ids = [sid(n) for n in range(12)]
     dead = Simulator.start(tmp_path, "dead", api_key=API_KEY, sessions=ids)
     live = [
         Simulator.start(tmp_path, f"live{n}", api_key=API_KEY, connect_delay=0.5) for n in range(2)
@@ -170,6 +169,16 @@ def test_restores_are_bounded_per_instance_and_made_once_across_replicas(
             session_id,
             dead.url,
         )
+    return dead, live
+
+
+def test_restores_are_bounded_per_instance_and_made_once_across_replicas(
+    tmp_path: Path, pg_database: TempDatabase
+) -> None:
+    """Two replicas share a database: each lost session is started once, from its row (account
+    id = the row's id), never more than RESTORE_CONCURRENCY at a time on one instance."""
+    ids = [sid(n) for n in range(12)]
+    dead, live = dead_and_live(tmp_path, pg_database, ids)
     env = proxy_env(
         [dead, *live],
         SESSION_PROXY_DATABASE_URL=pg_database.url,
@@ -290,20 +299,8 @@ def test_a_restorer_whose_lock_connection_dies_stops_and_nothing_starts_twice(
     """The restore lock's connection is cut while its holder is restoring: the holder stops at
     once (another replica may take the lock now), the sessions it had not finished are restored
     by whoever holds the lock next, and every session is started exactly once."""
-    migrate(pg_database.url, "--create-table")
-    pg_database.execute("ALTER TABLE whatsapp_accounts ADD COLUMN workspace_id integer")
     ids = [sid(n) for n in range(16)]
-    dead = Simulator.start(tmp_path, "dead", api_key=API_KEY, sessions=ids)
-    live = [
-        Simulator.start(tmp_path, f"live{n}", api_key=API_KEY, connect_delay=0.5) for n in range(2)
-    ]
-    for session_id in ids:
-        pg_database.execute(
-            "INSERT INTO whatsapp_accounts (session_id, assigned_instance_url, workspace_id) "
-            "VALUES ($1, $2, 1)",
-            session_id,
-            dead.url,
-        )
+    dead, live = dead_and_live(tmp_path, pg_database, ids)
     replicas = [
         ProxyProcess.start(
             tmp_path,

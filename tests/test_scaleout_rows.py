@@ -4,41 +4,53 @@ other spellings of an owner, values that need COPY's escapes, and a block that f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.config import load_settings
-from proxy.store import Store, listed_block
+from proxy.store import Lock, Store, listed_block
 from tests.helpers.postgres import TempDatabase
 from tests.test_postgres import add_rows, migrate
 
 Found = list[tuple[str | None, str | None, str | None, str | None]]
 
 
-async def compare(
-    db: TempDatabase, lists: dict[str, list[str]], canonical: dict[str, str]
-) -> tuple[dict[str | None, int], Found]:
+@contextlib.asynccontextmanager
+async def leading(db: TempDatabase) -> AsyncIterator[tuple[Store, Lock]]:
+    """An open store holding the reconcile lock."""
     store = Store(load_settings({"SESSION_PROXY_DATABASE_URL": db.url}))
     await store.open()
     try:
         async with store.lead() as lock:
             assert lock is not None
-
-            async def blocks() -> AsyncIterator[bytes]:
-                for url, ids in lists.items():
-                    yield listed_block(url, ids)
-
-            async with store.snapshot(lock) as snapshot:
-                forms = await snapshot.forms()
-                await snapshot.load(blocks())
-                found = await snapshot.disagreements(canonical)
-            # The transaction ended with the block, and its table with it.
-            assert not lock.conn.is_in_transaction()
-            assert await lock.conn.fetchval("SELECT to_regclass('session_proxy_listed')") is None
-        return forms, sorted(found, key=repr)
+            yield store, lock
     finally:
         await store.close()
+
+
+async def no_transaction_left(lock: Lock) -> None:
+    """The snapshot's transaction ended with its block, and its table with it."""
+    assert not lock.conn.is_closed()
+    assert not lock.conn.is_in_transaction()
+    assert await lock.conn.fetchval("SELECT to_regclass('session_proxy_listed')") is None
+
+
+async def compare(
+    db: TempDatabase, lists: dict[str, list[str]], canonical: dict[str, str]
+) -> tuple[dict[str | None, int], Found]:
+    async def blocks() -> AsyncIterator[bytes]:
+        for url, ids in lists.items():
+            yield listed_block(url, ids)
+
+    async with leading(db) as (store, lock):
+        async with store.snapshot(lock) as snapshot:
+            forms = await snapshot.forms()
+            await snapshot.load(blocks())
+            found = await snapshot.disagreements(canonical)
+        await no_transaction_left(lock)
+    return forms, sorted(found, key=repr)
 
 
 async def test_only_what_disagrees_comes_back(pg_database: TempDatabase) -> None:
@@ -104,26 +116,18 @@ async def test_a_failing_block_rolls_back_and_leaves_the_connection_clean(
 ) -> None:
     migrate(pg_database.url, "--create-table")
     add_rows(pg_database, {"s1": "http://localhost:1"})
-    store = Store(load_settings({"SESSION_PROXY_DATABASE_URL": pg_database.url}))
-    await store.open()
-    try:
-        async with store.lead() as lock:
-            assert lock is not None
 
-            async def broken() -> AsyncIterator[bytes]:
-                yield listed_block("http://localhost:1", ["s1"])
-                raise RuntimeError("the inventory failed")
+    async def broken() -> AsyncIterator[bytes]:
+        yield listed_block("http://localhost:1", ["s1"])
+        raise RuntimeError("the inventory failed")
 
-            with pytest.raises(RuntimeError):
-                async with store.snapshot(lock) as snapshot:
-                    await snapshot.forms()
-                    await snapshot.load(broken())
-            assert not lock.conn.is_closed()
-            assert not lock.conn.is_in_transaction()
-            assert await lock.conn.fetchval("SELECT to_regclass('session_proxy_listed')") is None
+    async with leading(pg_database) as (store, lock):
+        with pytest.raises(RuntimeError):
+            async with store.snapshot(lock) as snapshot:
+                await snapshot.forms()
+                await snapshot.load(broken())
+        await no_transaction_left(lock)
         assert await store.owner("s1") == "http://localhost:1"
-    finally:
-        await store.close()
 
 
 async def test_a_listed_id_postgres_cannot_hold_is_left_out(pg_database: TempDatabase) -> None:
