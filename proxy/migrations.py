@@ -3,7 +3,11 @@
 accounts table.
 
 Only text lives here: ``store.Store.migrate`` runs it (the store stays the only asyncpg user).
-``CHANNEL`` is the trigger's NOTIFY channel, the one ``store`` listens on.
+``CHANNEL`` is the trigger's NOTIFY channel: one changed session id a notification.
+``BATCH_CHANNEL`` carries the proxy's own writes: a JSON array of session ids a notification
+(``batched_notify_sql``), so a pass moving 100,000 rows sends ~700 notifications to each
+replica, not 100,000. A writer that notifies that way sets ``SELF_NOTIFIED`` for its
+transaction, and the trigger stays quiet for it. ``store`` listens on both.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from .config import Settings
 
 CHANNEL = "session_proxy_owner"
+BATCH_CHANNEL = "session_proxy_owners"
+SELF_NOTIFIED = "session_proxy.self_notified"  # set to 'on' (SET LOCAL) by a batching writer
 IDEMPOTENCY_TABLE = "session_proxy_idempotency"
 
 
@@ -100,8 +106,32 @@ def migration_sql(settings: Settings, create_table: bool) -> list[tuple[str, str
     statements.append(
         (
             "notify trigger",
+            # The WHEN is evaluated without calling the function: a batching writer's rows cost
+            # the trigger next to nothing (0.3-0.5 s of a 100,000-row write otherwise).
             f"CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table} "
-            f"FOR EACH ROW EXECUTE FUNCTION {function}()",
+            f"FOR EACH ROW WHEN (current_setting('{SELF_NOTIFIED}', true) IS DISTINCT FROM 'on') "
+            f"EXECUTE FUNCTION {function}()",
         )
     )
     return statements
+
+
+# A notification's payload must stay under 8,000 bytes: ids are cut into batches of at most
+# ~6,000 bytes of JSON (their running size, in id order), and an id too long to share a batch
+# (only a table wider than any session id pattern allows) goes alone on ``CHANNEL``.
+_BATCH_BYTES = 6000
+_ALONE_BYTES = 1000
+
+
+def batched_notify_sql(changed: str) -> str:
+    """SQL of the notifications for the session ids in ``changed`` (a CTE or table name with
+    a ``sid`` column): an expression counting the notifications sent, for a SELECT list."""
+    return f"""(SELECT count(pg_notify('{BATCH_CHANNEL}', payload)) FROM (
+                  SELECT json_agg(sid)::text AS payload FROM (
+                    SELECT sid, sum(size) OVER (ORDER BY sid) / {_BATCH_BYTES} AS batch
+                      FROM (SELECT sid, octet_length(to_json(sid)::text) + 1 AS size
+                              FROM {changed} WHERE sid IS NOT NULL) sized
+                     WHERE size <= {_ALONE_BYTES}) numbered
+                  GROUP BY batch) batches)
+             + (SELECT count(pg_notify('{CHANNEL}', sid)) FROM {changed}
+                 WHERE octet_length(to_json(sid)::text) + 1 > {_ALONE_BYTES})"""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -31,7 +32,15 @@ import asyncpg
 
 from . import metrics, tracing
 from .config import Settings
-from .migrations import CHANNEL, IDEMPOTENCY_TABLE, migration_sql, quote_ident
+from .migrations import (
+    BATCH_CHANNEL,
+    CHANNEL,
+    IDEMPOTENCY_TABLE,
+    SELF_NOTIFIED,
+    batched_notify_sql,
+    migration_sql,
+    quote_ident,
+)
 from .tasks import Supervisor
 
 log = logging.getLogger("session_proxy.store")
@@ -361,8 +370,11 @@ class Store:
         urls = [owners[sid] for sid in sids]
         async with self._on(lock) as conn:
             self._count(purpose)
-            status = await conn.execute(self._write_sql(), sids, urls)
-        return int(status.split()[-1])
+            # The statement notifies the rows it changed in batches; the trigger stays quiet.
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL {SELF_NOTIFIED} = 'on'")
+                written = await conn.fetchval(self._write_sql(), sids, urls)
+        return int(written)
 
     def _write_sql(self) -> str:
         c = self._columns
@@ -375,16 +387,21 @@ class Store:
             extra += ", updated_at = now()"
         if c.insertable:
             # A standalone table: the proxy is the writer of record and may create rows.
-            return (
+            write = (
                 f"INSERT INTO {self._table} AS t ({self._sid}, {self._url}) "
                 "SELECT * FROM unnest($1::text[], $2::text[]) "
                 f"ON CONFLICT ({self._sid}) DO UPDATE SET {self._url} = EXCLUDED.{self._url}"
                 f"{extra} WHERE t.{self._url} IS DISTINCT FROM EXCLUDED.{self._url}"
             )
+        else:
+            write = (
+                f"UPDATE {self._table} AS t SET {self._url} = v.url{extra} "
+                "FROM unnest($1::text[], $2::text[]) AS v(sid, url) "
+                f"WHERE t.{self._sid} = v.sid AND t.{self._url} IS DISTINCT FROM v.url"
+            )
         return (
-            f"UPDATE {self._table} AS t SET {self._url} = v.url{extra} "
-            "FROM unnest($1::text[], $2::text[]) AS v(sid, url) "
-            f"WHERE t.{self._sid} = v.sid AND t.{self._url} IS DISTINCT FROM v.url"
+            f"WITH written AS ({write} RETURNING t.{self._sid} AS sid) "
+            f"SELECT (SELECT count(*) FROM written), {batched_notify_sql('written')}"
         )
 
     async def _flush_forever(self) -> None:
@@ -451,7 +468,8 @@ class Store:
         async with self._on(lock) as conn:
             self._count("reconcile")
             await conn.execute(
-                "SELECT pg_notify($1, sid) FROM unnest($2::text[]) AS sid", CHANNEL, session_ids
+                f"SELECT {batched_notify_sql('(SELECT unnest($1::text[]) AS sid) AS ids')}",
+                session_ids,
             )
 
     async def stored_forms(self) -> list[str]:
@@ -661,6 +679,7 @@ class Store:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(BATCH_CHANNEL, self._on_notify_batch)
                 self.listening = True
                 # Whatever changed while nobody listened is unknown: start from the database.
                 if self.invalidate is not None:
@@ -698,10 +717,32 @@ class Store:
         if self.invalidate is None or not payload:
             return
         self._notified.add(payload)
+        self._forget_soon()
+
+    def _on_notify_batch(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if self.invalidate is None:
+            return
+        try:
+            batch = json.loads(payload)
+        except ValueError:
+            batch = None
+        if not isinstance(batch, list) or not all(isinstance(sid, str) for sid in batch):
+            # Changes this replica cannot read are changes it missed: forget everything, as
+            # after a reconnect, rather than route by what may be stale.
+            log.warning("unreadable notification on %s; forgetting every owner", BATCH_CHANNEL)
+            self._keep(asyncio.ensure_future(self.invalidate(None)))
+            return
+        self._notified.update(batch)
+        self._forget_soon()
+
+    def _forget_soon(self) -> None:
         if self._forgetting is None:
-            task = self._forgetting = asyncio.ensure_future(self._forget_notified())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._forgetting = self._keep(asyncio.ensure_future(self._forget_notified()))
+
+    def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _forget_notified(self) -> None:
         assert self.invalidate is not None

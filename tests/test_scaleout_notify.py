@@ -9,11 +9,14 @@ for 100,000 here). Now they gather in a set that one task forgets, a bounded num
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 
 import asyncpg
 
 from proxy.config import load_settings
+from proxy.migrations import BATCH_CHANNEL, CHANNEL
 from proxy.store import FORGET_AT_ONCE, Store
 from proxy.tasks import Supervisor
 from tests.helpers.postgres import TempDatabase
@@ -82,3 +85,121 @@ def test_a_storm_of_notifications_is_forgotten_without_holding_the_loop(
     # one turn (a 440 ms stall of a 5 ms ticker here, against 78 ms now, on a quiet machine).
     assert most_at_once <= FORGET_AT_ONCE
     assert worst_gap < 1.0, f"the event loop stalled {worst_gap:.2f} s"
+
+
+async def _proxy_write(url: str, moves: dict[str, str]) -> tuple[set[str], dict[str, list[str]]]:
+    """One replica writes ``moves`` as a reconcile pass does while another listens; a plain
+    LISTEN connection records what Postgres sent on each of the proxy's channels."""
+    forgotten: set[str] = set()
+    all_forgotten = asyncio.Event()
+    sent: dict[str, list[str]] = {CHANNEL: [], BATCH_CHANNEL: []}
+
+    async def invalidate(session_id: str | None) -> None:
+        if session_id is not None:
+            forgotten.add(session_id)
+        if len(forgotten) == len(moves):
+            all_forgotten.set()
+
+    def record(_conn: object, _pid: int, channel: str, payload: str) -> None:
+        sent[channel].append(payload)
+
+    settings = load_settings({"SESSION_PROXY_DATABASE_URL": url})
+    listening, writing = Store(settings, invalidate), Store(settings)
+    supervisor = Supervisor()
+    await listening.start_background(supervisor)
+    await writing.open()
+    observer = await asyncpg.connect(url)
+    try:
+        for channel in sent:
+            await observer.add_listener(channel, record)
+        deadline = time.monotonic() + 30
+        while not listening.listening:
+            assert time.monotonic() < deadline, "the store never started listening"
+            await asyncio.sleep(0.01)
+        async with writing.lead() as lock:
+            assert lock is not None
+            written = await writing.write_owners(moves, purpose="reconcile", lock=lock)
+        assert written == len(moves)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_forgotten.wait(), 60)
+    finally:
+        await observer.close()
+        await supervisor.close()
+        await listening.close()
+        await writing.close()
+    return forgotten, sent
+
+
+def test_a_large_write_of_the_proxy_notifies_in_batches(pg_database: TempDatabase) -> None:
+    """A pass moving 100,000 rows: every replica forgets every one of them, from a few hundred
+    notifications (JSON arrays under Postgres's 8,000-byte payload limit), not 100,000: the
+    trigger stays quiet for the proxy's own write (it still speaks for anyone else's:
+    ``tests/test_postgres.py::test_an_update_by_another_client_reaches_both_replicas_through_notify``)."""
+    migrate(pg_database.url, "--create-table")
+    add_rows(pg_database, {f"storm{k:06d}": "http://a" for k in range(ROWS)})
+    moves = {f"storm{k:06d}": "http://b" for k in range(ROWS)}
+    forgotten, sent = asyncio.run(_proxy_write(pg_database.url, moves))
+    batches = sent[BATCH_CHANNEL]
+    largest = max(map(len, batches), default=0)
+    print(
+        f"\n{ROWS:,} rows moved by the proxy: {len(forgotten):,} forgotten; {len(batches)} "
+        f"batched notifications (largest {largest} bytes), {len(sent[CHANNEL])} single ones"
+    )
+    assert forgotten == set(moves)
+    assert sent[CHANNEL] == [], "the trigger notified the proxy's own write row by row"
+    assert 0 < len(batches) <= 1000
+    assert largest < 8000
+    assert {sid for payload in batches for sid in json.loads(payload)} == set(moves)
+
+
+def test_an_id_too_long_to_share_a_batch_is_notified_alone(pg_database: TempDatabase) -> None:
+    """255 four-byte characters (what a varchar(255) holds) are over a thousand bytes of JSON:
+    such an id goes on the one-id channel, the others in a batch, and both are forgotten."""
+    migrate(pg_database.url, "--create-table")
+    wide = "\U0001f600" * 255
+    add_rows(pg_database, {wide: "http://a", "plain": "http://a"})
+    forgotten, sent = asyncio.run(
+        _proxy_write(pg_database.url, {wide: "http://b", "plain": "http://b"})
+    )
+    assert forgotten == {wide, "plain"}
+    assert sent[CHANNEL] == [wide]
+    assert [json.loads(payload) for payload in sent[BATCH_CHANNEL]] == [["plain"]]
+
+
+async def _unreadable(url: str) -> list[str | None]:
+    calls: list[str | None] = []
+    everything = asyncio.Event()
+
+    async def invalidate(session_id: str | None) -> None:
+        calls.append(session_id)
+        if session_id is None and len(calls) > 1:  # the first is the one of listening at all
+            everything.set()
+
+    store = Store(load_settings({"SESSION_PROXY_DATABASE_URL": url}), invalidate)
+    supervisor = Supervisor()
+    await store.start_background(supervisor)
+    try:
+        deadline = time.monotonic() + 30
+        while not store.listening:
+            assert time.monotonic() < deadline, "the store never started listening"
+            await asyncio.sleep(0.01)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("SELECT pg_notify($1, '[\"s1\", 2')", BATCH_CHANNEL)
+        finally:
+            await conn.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(everything.wait(), 10)
+    finally:
+        await supervisor.close()
+        await store.close()
+    return calls
+
+
+def test_a_batch_nobody_can_read_makes_a_replica_forget_everything(
+    pg_database: TempDatabase,
+) -> None:
+    """Changes a replica cannot read are changes it missed: it forgets every owner (and reads
+    the rows again), as after a reconnect, instead of routing by what may be stale."""
+    migrate(pg_database.url, "--create-table")
+    assert asyncio.run(_unreadable(pg_database.url)) == [None, None]
