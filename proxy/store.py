@@ -711,7 +711,7 @@ class Store:
             backoff = min(backoff * 2, 5.0)
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        # A reconcile that corrects 100,000 rows makes the trigger send 100,000 notifications
+        # Someone else's UPDATE of 100,000 rows makes the trigger send 100,000 notifications
         # to every replica. A task for each (and a list of them) held the loop for ~0.5 s;
         # instead they gather in a set and one task forgets them, FORGET_AT_ONCE at a time.
         if self.invalidate is None or not payload:

@@ -1,9 +1,10 @@
 """A NOTIFY storm does not hold a replica's event loop (issue 16), on a real Postgres.
 
-A reconcile that corrects 100,000 rows makes the trigger send 100,000 notifications to every
-replica. Each one used to become a task of its own, thousands of them ready in one turn of the
-loop that serves the replica's requests, which stalled while the storm was forgotten (440-592 ms
-for 100,000 here). Now they gather in a set that one task forgets, a bounded number at a time.
+An UPDATE of 100,000 rows makes the trigger send 100,000 notifications to every replica (a
+reconcile did too, before the proxy's own writes notified in batches). Each one used to become
+a task of its own, thousands of them ready in one turn of the loop that serves the replica's
+requests, which stalled while the storm was forgotten (440-592 ms for 100,000 here). Now they
+gather in a set that one task forgets, a bounded number at a time.
 """
 
 from __future__ import annotations
