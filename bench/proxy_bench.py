@@ -2101,18 +2101,33 @@ def run_pacer(
     return result
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this VM's CPUs had work (``steal`` of
+    /proc/stat, all CPUs): a round with much of it measured the host, not the targets."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def run_pacers(
     ports: Sequence[int], requests: Sequence[Path], rate: float, connections: int, seconds: float
 ) -> list[dict[str, Any]]:
-    """One pacer process; with several targets their schedules interleaved (bench/pacer.py)."""
+    """One pacer process; with several targets their schedules interleaved (bench/pacer.py).
+    Each result also says how much CPU time the hypervisor stole meanwhile (``steal_ms``)."""
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "pacer.py")]
     cmd += [",".join(map(str, ports)), str(rate), str(connections), str(seconds + PACED_WARMUP)]
     cmd += [",".join(map(str, requests)), str(PACED_WARMUP)]
+    stolen = steal_seconds()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 40)
+    stolen = steal_seconds() - stolen
     if done.returncode != 0:
         raise RuntimeError(f"pacer failed ({done.returncode}): {done.stderr[-2000:]}")
     result = json.loads(done.stdout)
-    return result if isinstance(result, list) else [result]
+    results = result if isinstance(result, list) else [result]
+    for one in results:
+        one["steal_ms"] = round(stolen * 1000)
+    return results
 
 
 def paced_matrix(
@@ -2162,6 +2177,7 @@ def paced_matrix(
                         f"(late {g['send_late_p99_us'] / 1000:.2f})"
                         for t, g in zip(order, runs, strict=True)
                     )
+                    + f"; steal {runs[0]['steal_ms']} ms"
                 )
                 continue
             for target in order:
@@ -2171,7 +2187,8 @@ def paced_matrix(
                 progress(
                     f"[paced {done}/{total}] round {round_no + 1} {shape} {target.name}: "
                     f"p50 {got['p50_us'] / 1000:.2f} ms, p99 {got['p99_us'] / 1000:.2f} ms, "
-                    f"late p99 {got['send_late_p99_us'] / 1000:.2f} ms, errors {got['errors']}"
+                    f"late p99 {got['send_late_p99_us'] / 1000:.2f} ms, errors {got['errors']}, "
+                    f"steal {got['steal_ms']} ms"
                 )
     rows: list[dict[str, Any]] = []
     for shape in SHAPES:
@@ -2196,6 +2213,7 @@ def paced_matrix(
                     "max_ms": round(lat[-1] / 1000, 3) if lat else 0.0,
                     "rounds_p99_ms": [round(r["p99_us"] / 1000, 3) for r in runs],
                     "send_late_p99_ms": round(statistics.median(late) / 1000, 3),
+                    "rounds_steal_ms": [r.get("steal_ms", 0) for r in runs],
                     "errors": sum(sum(r["errors"].values()) for r in runs),
                 }
             )
@@ -2315,6 +2333,11 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
             f"{label}: pacer lateness p99 (direct)",
             "ms",
             {f"{s} c8": paced["direct", s]["send_late_p99_ms"] for s in SHAPES},
+        )
+        row(
+            f"{label}: steal, worst proxy round",
+            "ms",
+            {f"{s} c8": max(paced["proxy", s]["rounds_steal_ms"], default=0) for s in SHAPES},
         )
     layers: dict[str, dict[str, Any]] = {}
     stubbed = False
@@ -2485,7 +2508,7 @@ def print_paced(report: dict[str, Any], key: str = "paced") -> None:
     head = (
         f"{'shape':<5} {'target':<7} {'counted':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
         f"{'max ms':>7} {'+p50 ms':>8} {'+p99 ms':>8} {'p99 per round':<20} {'late p99':>8} "
-        f"{'errors':>6}"
+        f"{'errors':>6}  steal ms per round"
     )
     print(head)
     print("-" * len(head))
@@ -2499,7 +2522,8 @@ def print_paced(report: dict[str, Any], key: str = "paced") -> None:
         print(
             f"{r['shape']:<5} {r['target']:<7} {r['counted']:>8,} {r['p50_ms']:>7.2f} "
             f"{r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {added[0]:>8} "
-            f"{added[1]:>8} {per_round:<20} {r['send_late_p99_ms']:>8.2f} {r['errors']:>6}"
+            f"{added[1]:>8} {per_round:<20} {r['send_late_p99_ms']:>8.2f} {r['errors']:>6}  "
+            + "/".join(str(x) for x in r.get("rounds_steal_ms", []))
         )
 
 
