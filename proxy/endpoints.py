@@ -114,6 +114,7 @@ class Endpoints:
             detail["database"] = {
                 "up": store.up,
                 "listening": store.listening,
+                "trigger": store.trigger,
                 "writeback_pending": store.pending,
                 "queries": store.queries.as_dict(),
                 "last_error": redact(store.last_error or "") or None,

@@ -17,6 +17,7 @@ from .config import Settings
 CHANNEL = "session_proxy_owner"
 BATCH_CHANNEL = "session_proxy_owners"
 SELF_NOTIFIED = "session_proxy.self_notified"  # set to 'on' (SET LOCAL) by a batching writer
+TRIGGER = "session_proxy_notify"
 IDEMPOTENCY_TABLE = "session_proxy_idempotency"
 
 
@@ -32,7 +33,7 @@ def migration_sql(settings: Settings, create_table: bool) -> list[tuple[str, str
     status = quote_ident(settings.column_status)
     deleted = quote_ident(settings.column_deleted_at)
     function = quote_ident("session_proxy_notify_" + settings.table_name.replace(".", "_"))
-    trigger = quote_ident("session_proxy_notify")
+    trigger = quote_ident(TRIGGER)
     statements: list[tuple[str, str]] = []
     if create_table:
         statements.append(
@@ -114,6 +115,16 @@ def migration_sql(settings: Settings, create_table: bool) -> list[tuple[str, str
         )
     )
     return statements
+
+
+def trigger_state(definition: str | None) -> str:
+    """What ``pg_get_triggerdef`` of the table's ``TRIGGER`` says: "current" (this version's),
+    "outdated" (an earlier ``migrate``: the proxy's own writes are then notified twice, row by
+    row and in batches) or "missing" (no replica hears another's changes, or the
+    application's, until ``CACHE_TTL``)."""
+    if definition is None:
+        return "missing"
+    return "current" if SELF_NOTIFIED in definition else "outdated"
 
 
 # A notification's payload must stay under 8,000 bytes: ids are cut into batches of at most

@@ -37,9 +37,11 @@ from .migrations import (
     CHANNEL,
     IDEMPOTENCY_TABLE,
     SELF_NOTIFIED,
+    TRIGGER,
     batched_notify_sql,
     migration_sql,
     quote_ident,
+    trigger_state,
 )
 from .tasks import Supervisor
 
@@ -165,6 +167,7 @@ class Store:
     invalidate: Invalidate | None = None
     up: bool = False
     listening: bool = False
+    trigger: str | None = None  # the NOTIFY trigger: migrations.trigger_state, None unread
     queries: QueryCounts = field(default_factory=QueryCounts)
     dropped_writes: int = 0
     last_error: str | None = None
@@ -688,14 +691,15 @@ class Store:
                     with contextlib.suppress(StoreUnavailable):
                         await self.check()
                 log.info("listening for ownership changes", extra={"channel": CHANNEL})
+                await self._read_trigger(conn)
                 backoff = 0.2
                 while not lost.is_set():
-                    # A dead server is only noticed on traffic: ask it something now and then.
+                    # A dead server is only noticed on traffic: ask it something now and then
+                    # (whether the trigger is there: a `migrate` run meanwhile shows at once).
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 2.0)
                     if not lost.is_set():
-                        self._count("background")
-                        await conn.fetchval("SELECT 1", timeout=2.0)
+                        await self._read_trigger(conn)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # The database or the network: reconnect. Anything else is a bug, and the task
                 # supervisor logs it with its traceback and restarts this loop.
@@ -709,6 +713,34 @@ class Store:
                         conn.terminate()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _read_trigger(self, conn: Any) -> None:
+        self._count("background")
+        definition = await conn.fetchval(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+            "WHERE tgrelid = to_regclass($1) AND tgname = $2",
+            self._table,
+            TRIGGER,
+            timeout=2.0,
+        )
+        state = trigger_state(definition)
+        if state == self.trigger:
+            return
+        if state == "missing":
+            log.warning(
+                "the table has no %s trigger: replicas do not hear each other's changes, or "
+                "the application's, until CACHE_TTL; run `session-proxy migrate`",
+                TRIGGER,
+            )
+        elif state == "outdated":
+            log.warning(
+                "the %s trigger is from an earlier version: run `session-proxy migrate` again "
+                "(until then the proxy's own writes are notified twice)",
+                TRIGGER,
+            )
+        elif self.trigger is not None:
+            log.info("the %s trigger is current", TRIGGER)
+        self.trigger = state
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         # Someone else's UPDATE of 100,000 rows makes the trigger send 100,000 notifications

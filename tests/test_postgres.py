@@ -231,3 +231,31 @@ def test_an_update_by_another_client_reaches_both_replicas_through_notify(
     ]
     print(f"\nboth replicas followed the UPDATE within {max(took) * 1000:.0f} ms (TTL is 3600 s)")
     assert max(took) < 1.0
+
+
+def test_readiness_says_whether_the_notify_trigger_is_installed_and_current(
+    db_fleet: DbFleet,
+) -> None:
+    """An operator who forgot `migrate`, or ran an earlier version's, is told so (in /readyz and
+    in one warning line) while routing goes on; running `migrate` shows within seconds."""
+    db = db_fleet.db
+    db.execute("DROP TRIGGER session_proxy_notify ON whatsapp_accounts")
+    proxy = db_fleet.proxy()
+
+    def trigger() -> str:
+        state: str = readiness(proxy)["database"]["trigger"]
+        return state
+
+    wait_for(lambda: trigger() == "missing", what="trigger reported missing")
+    assert "run `session-proxy migrate`" in proxy.log_text()
+    assert status(proxy, "s0_0000").status_code == 200
+    # What `migrate` installed before the proxy's writes notified in batches: no WHEN.
+    db.execute(
+        "CREATE TRIGGER session_proxy_notify AFTER INSERT OR UPDATE OR DELETE "
+        "ON whatsapp_accounts FOR EACH ROW "
+        "EXECUTE FUNCTION session_proxy_notify_whatsapp_accounts()"
+    )
+    wait_for(lambda: trigger() == "outdated", what="trigger reported outdated")
+    assert "from an earlier version" in proxy.log_text()
+    migrate(db.url)
+    wait_for(lambda: trigger() == "current", what="trigger reported current")
