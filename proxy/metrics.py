@@ -63,6 +63,11 @@ INSTANCE_HEALTHY = Gauge(
 )
 DB_QUERIES = Counter(f"{PREFIX}_db_queries", "Statements sent to Postgres, by purpose", ["purpose"])
 DB_UP = Gauge(f"{PREFIX}_db_up", "1 when the database answers", multiprocess_mode="livemin")
+NOTIFY_TRIGGER_CURRENT = Gauge(
+    f"{PREFIX}_notify_trigger_current",
+    "1 when the table's NOTIFY trigger is this version's, 0 when missing or outdated",
+    multiprocess_mode="livemin",
+)
 WRITEBACK_PENDING = Gauge(
     f"{PREFIX}_writeback_pending",
     "Moves waiting to be written to the database",

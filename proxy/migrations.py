@@ -16,7 +16,7 @@ from .config import Settings
 
 CHANNEL = "session_proxy_owner"
 BATCH_CHANNEL = "session_proxy_owners"
-SELF_NOTIFIED = "session_proxy.self_notified"  # set to 'on' (SET LOCAL) by a batching writer
+SELF_NOTIFIED = "session_proxy.self_notified"  # 'on' for its own transaction: a batching writer
 TRIGGER = "session_proxy_notify"
 IDEMPOTENCY_TABLE = "session_proxy_idempotency"
 

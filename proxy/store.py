@@ -373,10 +373,7 @@ class Store:
         urls = [owners[sid] for sid in sids]
         async with self._on(lock) as conn:
             self._count(purpose)
-            # The statement notifies the rows it changed in batches; the trigger stays quiet.
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL {SELF_NOTIFIED} = 'on'")
-                written = await conn.fetchval(self._write_sql(), sids, urls)
+            written = await conn.fetchval(self._write_sql(), sids, urls)
         return int(written)
 
     def _write_sql(self) -> str:
@@ -388,11 +385,15 @@ class Store:
             extra += ", last_instance_migration_at = now()"
         if c.updated_at:
             extra += ", updated_at = now()"
+        # The statement notifies the rows it changed in batches, and the trigger stays quiet:
+        # ``SELF_NOTIFIED`` is set for the statement's own transaction by a one-time filter,
+        # which runs before the first row is written (one statement: no BEGIN, no COMMIT).
+        quiet = f"(SELECT set_config('{SELF_NOTIFIED}', 'on', true)) = 'on'"
         if c.insertable:
             # A standalone table: the proxy is the writer of record and may create rows.
             write = (
                 f"INSERT INTO {self._table} AS t ({self._sid}, {self._url}) "
-                "SELECT * FROM unnest($1::text[], $2::text[]) "
+                f"SELECT * FROM unnest($1::text[], $2::text[]) WHERE {quiet} "
                 f"ON CONFLICT ({self._sid}) DO UPDATE SET {self._url} = EXCLUDED.{self._url}"
                 f"{extra} WHERE t.{self._url} IS DISTINCT FROM EXCLUDED.{self._url}"
             )
@@ -400,7 +401,7 @@ class Store:
             write = (
                 f"UPDATE {self._table} AS t SET {self._url} = v.url{extra} "
                 "FROM unnest($1::text[], $2::text[]) AS v(sid, url) "
-                f"WHERE t.{self._sid} = v.sid AND t.{self._url} IS DISTINCT FROM v.url"
+                f"WHERE {quiet} AND t.{self._sid} = v.sid AND t.{self._url} IS DISTINCT FROM v.url"
             )
         return (
             f"WITH written AS ({write} RETURNING t.{self._sid} AS sid) "
@@ -726,6 +727,7 @@ class Store:
         state = trigger_state(definition)
         if state == self.trigger:
             return
+        metrics.NOTIFY_TRIGGER_CURRENT.set(1 if state == "current" else 0)
         if state == "missing":
             log.warning(
                 "the table has no %s trigger: replicas do not hear each other's changes, or "

@@ -248,6 +248,7 @@ def test_readiness_says_whether_the_notify_trigger_is_installed_and_current(
 
     wait_for(lambda: trigger() == "missing", what="trigger reported missing")
     assert "run `session-proxy migrate`" in proxy.log_text()
+    assert trigger_gauge(proxy) == 0.0  # what SessionProxyNotifyTriggerNotCurrent alerts on
     assert status(proxy, "s0_0000").status_code == 200
     # What `migrate` installed before the proxy's writes notified in batches: no WHEN.
     db.execute(
@@ -259,3 +260,10 @@ def test_readiness_says_whether_the_notify_trigger_is_installed_and_current(
     assert "from an earlier version" in proxy.log_text()
     migrate(db.url)
     wait_for(lambda: trigger() == "current", what="trigger reported current")
+    assert trigger_gauge(proxy) == 1.0
+
+
+def trigger_gauge(proxy: ProxyProcess) -> float:
+    text = httpx.get(proxy.url + "/metrics", trust_env=False).text
+    (line,) = [x for x in text.splitlines() if x.startswith("session_proxy_notify_trigger_current")]
+    return float(line.split()[-1])
