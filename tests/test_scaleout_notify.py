@@ -204,3 +204,24 @@ def test_a_batch_nobody_can_read_makes_a_replica_forget_everything(
     the rows again), as after a reconnect, instead of routing by what may be stale."""
     migrate(pg_database.url, "--create-table")
     assert asyncio.run(_unreadable(pg_database.url)) == [None, None]
+
+
+def test_an_applications_table_is_written_quietly_too(pg_database: TempDatabase) -> None:
+    """A table the proxy may not insert into (a NOT NULL column it cannot fill, as Blazz's
+    `workspace_id`) is written with UPDATE instead of INSERT ... ON CONFLICT: it too is
+    notified in batches and never row by row."""
+    pg_database.execute(
+        "CREATE TABLE whatsapp_accounts (id bigserial PRIMARY KEY, workspace_id bigint NOT NULL, "
+        "session_id varchar(255) UNIQUE, assigned_instance_url varchar(255), "
+        "status varchar(32) NOT NULL DEFAULT 'connected', deleted_at timestamptz)"
+    )
+    pg_database.execute(
+        "INSERT INTO whatsapp_accounts (workspace_id, session_id, assigned_instance_url) "
+        "SELECT 1, 'app' || g, 'http://a' FROM generate_series(1, 1000) AS g"
+    )
+    migrate(pg_database.url)
+    moves = {f"app{g}": "http://b" for g in range(1, 1001)}
+    forgotten, sent = asyncio.run(_proxy_write(pg_database.url, moves))
+    assert forgotten == set(moves)
+    assert sent[CHANNEL] == [], "the trigger notified the proxy's own write row by row"
+    assert {sid for payload in sent[BATCH_CHANNEL] for sid in json.loads(payload)} == set(moves)
