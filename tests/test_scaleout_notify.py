@@ -26,6 +26,13 @@ from tests.test_postgres import add_rows, migrate
 ROWS = 100_000
 
 
+async def until_listening(store: Store) -> None:
+    deadline = time.monotonic() + 30
+    while not store.listening:
+        assert time.monotonic() < deadline, "the store never started listening"
+        await asyncio.sleep(0.01)
+
+
 async def _storm(url: str) -> tuple[set[str], int, int, float, float]:
     forgotten: set[str] = set()
     calls = running = most_at_once = 0
@@ -45,10 +52,7 @@ async def _storm(url: str) -> tuple[set[str], int, int, float, float]:
     await store.start_background(supervisor)
     worst_gap = 0.0
     try:
-        deadline = time.monotonic() + 30
-        while not store.listening:
-            assert time.monotonic() < deadline, "the store never started listening"
-            await asyncio.sleep(0.01)
+        await until_listening(store)
         conn = await asyncpg.connect(url)
         try:
             began = time.monotonic()
@@ -113,10 +117,7 @@ async def _proxy_write(url: str, moves: dict[str, str]) -> tuple[set[str], dict[
     try:
         for channel in sent:
             await observer.add_listener(channel, record)
-        deadline = time.monotonic() + 30
-        while not listening.listening:
-            assert time.monotonic() < deadline, "the store never started listening"
-            await asyncio.sleep(0.01)
+        await until_listening(listening)
         async with writing.lead() as lock:
             assert lock is not None
             written = await writing.write_owners(moves, purpose="reconcile", lock=lock)
@@ -180,10 +181,7 @@ async def _unreadable(url: str) -> list[str | None]:
     supervisor = Supervisor()
     await store.start_background(supervisor)
     try:
-        deadline = time.monotonic() + 30
-        while not store.listening:
-            assert time.monotonic() < deadline, "the store never started listening"
-            await asyncio.sleep(0.01)
+        await until_listening(store)
         conn = await asyncpg.connect(url)
         try:
             await conn.execute("SELECT pg_notify($1, '[\"s1\", 2')", BATCH_CHANNEL)
